@@ -1,0 +1,342 @@
+"""Datasets, augmentation pipelines, samplers and the built-in demo dataset.
+
+Layout: DATA/train/<class>/*, DATA/val/<class>/*, DATA/test/* (flat).
+`python data.py make-demo OUT` writes a small synthetic dataset in that layout.
+"""
+import argparse
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision.transforms import v2
+
+from utils import UserError, run_main
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# ----------------------------------------------------------------------------
+# reading the folders
+
+def is_image_file(path):
+    return not path.name.startswith(".") and path.suffix.lower() in IMG_EXTENSIONS and path.is_file()
+
+
+def list_images(folder):
+    return sorted(p for p in Path(folder).iterdir() if is_image_file(p))
+
+
+def class_sort_key(names):
+    """Numeric order when every class name is an integer (0, 1, 2, ..., 10), else lexicographic."""
+    if all(name.lstrip("-").isdigit() for name in names):
+        return sorted(names, key=int)
+    return sorted(names)
+
+
+def find_classes(split_dir):
+    split_dir = Path(split_dir)
+    if not split_dir.is_dir():
+        raise UserError(f"folder {split_dir} does not exist; expected one sub-folder per class")
+    names = [p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    if not names:
+        raise UserError(f"folder {split_dir} has no class sub-folders")
+    return class_sort_key(names)
+
+
+def check_image(path):
+    """Decode the file (JPEGs at 1/8 scale, which is cheap) and return None or the reason it is bad."""
+    try:
+        with Image.open(path) as img:
+            img.draft("RGB", (64, 64))
+            img.load()
+        return None
+    except Exception as error:  # PIL raises many types for corrupt files
+        return f"{type(error).__name__}: {error}"
+
+
+def scan_images(paths, strict=False, workers=None):
+    """Return the readable paths; warn about (or, with strict, refuse) the rest, by path."""
+    # PIL releases the GIL while decoding, so threads scale without the cost of spawning processes
+    with ThreadPoolExecutor(max_workers=workers or default_workers()) as pool:
+        reasons = list(pool.map(check_image, paths))
+    bad = [(p, r) for p, r in zip(paths, reasons) if r is not None]
+    if bad and strict:
+        raise UserError(f"unreadable image {bad[0][0]} ({bad[0][1]}) and {len(bad) - 1} more; "
+                        "remove them or run without --strict to skip them")
+    for path, reason in bad:
+        warnings.warn(f"skipping unreadable image {path} ({reason})", stacklevel=2)
+    bad_paths = {p for p, _ in bad}
+    return [p for p in paths if p not in bad_paths], bad
+
+
+def load_split(data_dir, split, class_names=None, strict=False):
+    """Return (paths, labels, class_names) of DATA/split; class_names defaults to the split's own."""
+    split_dir = Path(data_dir) / split
+    found = find_classes(split_dir)
+    if class_names is None:
+        class_names = found
+    else:
+        unknown = sorted(set(found) - set(class_names))
+        if unknown:
+            raise UserError(f"{split_dir} has classes not in the training classes: {', '.join(unknown[:5])}"
+                            f"{' ...' if len(unknown) > 5 else ''}; remove them or add them to train/")
+    index = {name: i for i, name in enumerate(class_names)}
+    paths, labels = [], []
+    for name in found:
+        for path in list_images(split_dir / name):
+            paths.append(path)
+            labels.append(index[name])
+    if not paths:
+        raise UserError(f"folder {split_dir} holds no images ({', '.join(IMG_EXTENSIONS)})")
+    good, bad = scan_images(paths, strict=strict)
+    bad_paths = {p for p, _ in bad}
+    labels = [label for p, label in zip(paths, labels) if p not in bad_paths]
+    if not good:
+        raise UserError(f"folder {split_dir} holds no readable images")
+    return good, labels, class_names
+
+
+def load_test(test_dir, strict=True):
+    """Return the test images, sorted by name; two files with one stem would collide in the CSV."""
+    test_dir = Path(test_dir)
+    if not test_dir.is_dir():
+        raise UserError(f"test folder {test_dir} does not exist")
+    paths = list_images(test_dir)
+    if not paths:
+        raise UserError(f"test folder {test_dir} holds no images ({', '.join(IMG_EXTENSIONS)})")
+    seen = {}
+    for path in paths:
+        if path.stem in seen:
+            raise UserError(f"test images {seen[path.stem].name} and {path.name} in {test_dir} share the "
+                            f"name '{path.stem}' and would collide in the CSV; rename one")
+        seen[path.stem] = path
+    good, bad = scan_images(paths, strict=strict)
+    return sorted(good, key=lambda p: p.stem), bad
+
+
+# ----------------------------------------------------------------------------
+# decoding
+
+def load_rgb(path, draft_size=None):
+    """Open any PIL mode as RGB; transparency is composited on white. draft_size: JPEG reduced decode."""
+    with Image.open(path) as img:
+        if draft_size is not None:
+            img.draft("RGB", (draft_size, draft_size))
+        img.load()
+        if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            array = np.asarray(img, dtype=np.float64)
+            span = max(array.max() - array.min(), 1e-12)
+            img = Image.fromarray(((array - array.min()) / span * 255).astype(np.uint8))
+        if img.mode == "P" or img.mode in ("LA", "PA", "RGBA"):
+            rgba = img.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(white, rgba).convert("RGB")
+        return img.convert("RGB")
+
+
+# ----------------------------------------------------------------------------
+# pipelines (the report's, applied to PIL images as in its torchvision v1 code)
+
+def train_transform(img_size, *, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    return v2.Compose([
+        v2.RandomResizedCrop(img_size),
+        v2.RandomHorizontalFlip(),
+        v2.RandomAffine(degrees=30),
+        v2.RandomPerspective(),
+        v2.ToImage(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(mean, std),
+    ])
+
+
+def eval_transform(img_size, *, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    return v2.Compose([
+        v2.Resize((img_size, img_size)),
+        v2.ToImage(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(mean, std),
+    ])
+
+
+class ImageDataset(Dataset):
+    """Images with labels (-1 for test). An item is an index, or (index, seed) to make the
+    augmentation of that sample a pure function of the seed: the same under any number of
+    workers, ranks or resumes."""
+
+    def __init__(self, paths, labels, transform):
+        self.paths = [str(p) for p in paths]
+        self.labels = list(labels) if labels is not None else [-1] * len(self.paths)
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, item):
+        index, seed = item if isinstance(item, tuple) else (item, None)
+        for offset in range(len(self.paths)):
+            path = self.paths[(index + offset) % len(self.paths)]
+            try:
+                img = load_rgb(path)
+                break
+            except OSError as error:  # the file changed after the scan: never end an epoch for it
+                warnings.warn(f"skipping unreadable image {path} ({error})", stacklevel=2)
+        if seed is None:
+            return self.transform(img), self.labels[index]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.transform(img), self.labels[index]
+
+
+# ----------------------------------------------------------------------------
+# sampling and loading
+
+def sample_seed(seed, epoch, index):
+    return (seed * 1_000_003 + epoch) * 10_000_019 + index
+
+
+class TrainBatchSampler:
+    """Shuffled global batches, identical at any world size: step s of epoch e uses the same
+    `batch_size` images whether one process takes all of them or N ranks take batch_size/N each.
+    The remainder of an epoch (len % batch_size) is dropped; `start_step` resumes mid-epoch."""
+
+    def __init__(self, num_samples, batch_size, seed, rank=0, world_size=1):
+        if batch_size % world_size:
+            raise UserError(f"--batch-size {batch_size} is the global batch and must divide by "
+                            f"the {world_size} processes")
+        if num_samples < batch_size:
+            raise UserError(f"the train split has {num_samples} images, fewer than --batch-size {batch_size}")
+        self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.start_step = 0, 0
+
+    @property
+    def steps_per_epoch(self):
+        return self.num_samples // self.batch_size
+
+    def set_epoch(self, epoch, start_step=0):
+        self.epoch, self.start_step = epoch, start_step
+
+    def __len__(self):
+        return self.steps_per_epoch - self.start_step
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, 0))
+        order = torch.randperm(self.num_samples, generator=generator).tolist()
+        local = self.batch_size // self.world_size
+        for step in range(self.start_step, self.steps_per_epoch):
+            begin = step * self.batch_size + self.rank * local
+            yield [(i, sample_seed(self.seed, self.epoch, i)) for i in order[begin:begin + local]]
+
+
+def shard(dataset, rank=0, world_size=1):
+    """A contiguous, unpadded slice per rank, so gathering the ranks in order gives every item once."""
+    n = len(dataset)
+    return Subset(dataset, range(rank * n // world_size, (rank + 1) * n // world_size))
+
+
+def default_workers(local_world_size=1):
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(16, cpus // local_world_size))
+
+
+def make_loader(dataset, *, device, workers, batch_size=None, batch_sampler=None):
+    """Train loaders take a batch_sampler; evaluation loaders a batch_size (in order, no shuffle)."""
+    return DataLoader(dataset, batch_size=batch_size, batch_sampler=batch_sampler, num_workers=workers,
+                      pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                      prefetch_factor=4 if workers > 0 else None)
+
+
+# ----------------------------------------------------------------------------
+# the demo dataset: coloured shapes on noisy backgrounds, learnable in a few CPU epochs
+
+DEMO_CLASSES = 16  # more than 10, so numeric and lexicographic class orders differ
+DEMO_SHAPES = ("ellipse", "rectangle", "triangle", "cross")
+DEMO_FORMATS = ((".jpg", "JPEG"), (".png", "PNG"), (".JPEG", "JPEG"), (".webp", "WEBP"), (".bmp", "BMP"))
+
+
+def demo_image(label, rng):
+    size = int(rng.integers(48, 160)), int(rng.integers(48, 160))
+    background = rng.integers(0, 256, 3)
+    noise = rng.normal(0, 25, (size[1], size[0], 3))
+    img = Image.fromarray(np.clip(background + noise, 0, 255).astype(np.uint8))
+    hue = (label % 4) / 4 + rng.uniform(-0.04, 0.04)
+    colour = tuple(int(255 * c) for c in _hsv_to_rgb(hue % 1, 0.9, 0.4 + 0.5 * (label // 8)))
+    shape = DEMO_SHAPES[(label // 4) % 4]
+    w, h = size
+    cx, cy, r = rng.uniform(0.35, 0.65) * w, rng.uniform(0.35, 0.65) * h, rng.uniform(0.25, 0.4) * min(w, h)
+    draw = ImageDraw.Draw(img)
+    if shape == "ellipse":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=colour)
+    elif shape == "rectangle":
+        draw.rectangle((cx - r, cy - r * 0.7, cx + r, cy + r * 0.7), fill=colour)
+    elif shape == "triangle":
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=colour)
+    else:
+        draw.rectangle((cx - r, cy - r / 3, cx + r, cy + r / 3), fill=colour)
+        draw.rectangle((cx - r / 3, cy - r, cx + r / 3, cy + r), fill=colour)
+    return img
+
+
+def _hsv_to_rgb(h, s, v):
+    i = int(h * 6) % 6
+    f = h * 6 - int(h * 6)
+    p, q, t = v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)
+    return [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)][i]
+
+
+def make_demo(out_dir, seed=0, train_per_class=40, val_per_class=10, test_per_class=6):
+    """Write the demo dataset (and test_labels.csv beside test/, to score predictions)."""
+    out_dir = Path(out_dir)
+    rng = np.random.default_rng(seed)
+    counter = 0
+    test_rows = []
+    for split, per_class in (("train", train_per_class), ("val", val_per_class), ("test", test_per_class)):
+        for label in range(DEMO_CLASSES):
+            folder = out_dir / split if split == "test" else out_dir / split / str(label)
+            folder.mkdir(parents=True, exist_ok=True)
+            for _ in range(per_class):
+                suffix, fmt = DEMO_FORMATS[counter % len(DEMO_FORMATS)]
+                name = f"{counter:05d}{suffix}" if split != "test" else f"img_{rng.integers(16**8):08x}{suffix}"
+                demo_image(label, rng).save(folder / name, fmt)
+                if split == "test":
+                    test_rows.append(f"{Path(name).stem},{label}")
+                counter += 1
+    (out_dir / "test_labels.csv").write_text("image_name,label\n" + "\n".join(sorted(test_rows)) + "\n")
+    return out_dir
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("make-demo", help="write the synthetic demo dataset",
+                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    demo.add_argument("out", type=Path, help="output folder (gets train/, val/, test/, test_labels.csv)")
+    demo.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same files")
+    demo.add_argument("--train-per-class", type=int, default=40, help="train images per class")
+    demo.add_argument("--val-per-class", type=int, default=10, help="val images per class")
+    demo.add_argument("--test-per-class", type=int, default=6, help="test images per class")
+    scan = sub.add_parser("scan", help="check every image of a data folder and list the unreadable ones",
+                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    scan.add_argument("data_dir", type=Path, help="data folder with train/, val/ and test/")
+    args = parser.parse_args()
+    if args.command == "make-demo":
+        if args.out.exists() and any(args.out.iterdir()):
+            raise UserError(f"{args.out} exists and is not empty; choose a new folder")
+        make_demo(args.out, args.seed, args.train_per_class, args.val_per_class, args.test_per_class)
+        print(f"wrote the demo dataset ({DEMO_CLASSES} classes) to {args.out}")
+    else:
+        train = load_split(args.data_dir, "train")
+        val = load_split(args.data_dir, "val", train[2])
+        test, _ = load_test(args.data_dir / "test", strict=False)
+        print(f"{len(train[2])} classes; readable images: train {len(train[0])}, val {len(val[0])}, test {len(test)}")
+
+
+if __name__ == "__main__":
+    run_main(main)

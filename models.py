@@ -1,0 +1,231 @@
+"""The report's three models on any timm ResNet-family backbone, and the gradual unfreezing schedule.
+
+- resnext:        backbone with fc replaced by Linear(features -> num_classes)
+- resnext_freeze: the same network, trained with gradual unfreezing (see parse_unfreeze)
+- resnext_vit:    the last block of layer4 wrapped with a ViT (see ViTBlock)
+"""
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from utils import UserError
+
+MODEL_NAMES = ("resnext", "resnext_freeze", "resnext_vit")
+DEFAULT_ARCH = "resnext101_32x8d.tv_in1k"
+DEFAULT_VIT = "WinKawaks/vit-tiny-patch16-224"
+DEFAULT_UNFREEZE = "10:layer4,20:layer3,30:layer2+layer1"
+STAGES = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc")
+OFFLINE_HINT = ("to work offline, pre-fill the Hugging Face cache (HF_HOME) on a connected machine, "
+                "or pass a local file with --weights PATH (.pth or .safetensors), or --weights none")
+
+
+class ViTBlock(nn.Module):
+    """The report's ResNeXt_ViT block: the wrapped block's output goes through a 1x1 conv to 3
+    channels, is resized to the ViT's input size and runs through the ViT; the CLS vector is
+    projected to the block's width and added to the block's input, broadcast over H x W. When the
+    block changes shape (a stage of one block, as in resnet10t) the input goes through the block's
+    own shortcut (downsample) first, as a residual block's identity does."""
+
+    def __init__(self, block, channels, vit):
+        super().__init__()
+        self.block = block
+        self.to_rgb = nn.Conv2d(channels, 3, kernel_size=1)
+        self.vit = vit
+        self.vit_size = vit.config.image_size
+        self.proj = nn.Linear(vit.config.hidden_size, channels)
+
+    def forward(self, x):  # x: (B, C_in, H_in, W_in)
+        shortcut = x if self.block.downsample is None else self.block.downsample(x)  # (B, C, H, W)
+        y = self.to_rgb(self.block(x))  # (B, 3, H, W)
+        y = F.interpolate(y, size=(self.vit_size, self.vit_size), mode="bilinear", align_corners=False)
+        cls = self.vit(pixel_values=y).last_hidden_state[:, 0]  # (B, hidden)
+        return shortcut + self.proj(cls)[:, :, None, None]
+
+
+def build_vit(vit_weights=DEFAULT_VIT, vit_config=None):
+    """A ViTModel from an HF id or local directory, or (vit_config given) with random weights."""
+    from transformers import ViTConfig, ViTModel
+    if vit_config is not None:
+        return ViTModel(ViTConfig.from_dict(vit_config), add_pooling_layer=False)
+    try:
+        return ViTModel.from_pretrained(str(vit_weights), add_pooling_layer=False)
+    except OSError as error:
+        raise UserError(f"could not load the ViT '{vit_weights}' (no network, or not an HF id or a folder "
+                        f"saved with save_pretrained); {OFFLINE_HINT.replace('--weights', '--vit-weights')}"
+                        ) from error
+
+
+def load_state_file(path):
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--weights {path}: file not found; give a .pth or .safetensors state dict, "
+                        "or 'imagenet' or 'none'")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # any unreadable or unsafe file
+        raise UserError(f"--weights {path}: cannot read it as a state dict ({type(error).__name__})") from error
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise UserError(f"--weights {path}: not a state dict (a mapping of names to tensors)")
+    return state
+
+
+def load_backbone_weights(model, path):
+    """Load a backbone state dict; a classifier of another size (e.g. 1000 ImageNet classes) is dropped."""
+    state = load_state_file(path)
+    own = model.state_dict()
+    state = {k: v for k, v in state.items() if not (k.startswith("fc.") and v.shape != own.get(k, v).shape)}
+    missing = [k for k in own if k not in state and not k.startswith("fc.")]
+    wrong = [k for k, v in state.items() if k in own and v.shape != own[k].shape]
+    unexpected = [k for k in state if k not in own]
+    if missing or wrong or unexpected:
+        what = (f"{len(missing)} missing (e.g. {missing[0]})" if missing else
+                f"wrong shape for {wrong[0]}: {tuple(state[wrong[0]].shape)} vs {tuple(own[wrong[0]].shape)}"
+                if wrong else f"unexpected key {unexpected[0]}")
+        raise UserError(f"--weights {path} does not fit --arch {model.pretrained_cfg['architecture']}: {what}")
+    model.load_state_dict(state, strict=False)
+
+
+def create_backbone(arch, num_classes, weights="imagenet"):
+    """A timm ResNet-family network with its fc sized for num_classes."""
+    if not timm.is_model(arch):
+        raise UserError(f"--arch {arch} is not a timm model; e.g. resnext101_32x8d.tv_in1k, "
+                        "resnext50_32x4d, resnet50, resnet10t")
+    pretrained = weights == "imagenet"
+    try:
+        model = timm.create_model(arch, pretrained=pretrained, num_classes=num_classes)
+    except (OSError, RuntimeError, ValueError) as error:
+        if not pretrained:
+            raise
+        raise UserError(f"could not download the pretrained weights of {arch} ({type(error).__name__}); "
+                        f"{OFFLINE_HINT}") from error
+    absent = [name for name in STAGES if not hasattr(model, name)]
+    if absent:
+        raise UserError(f"--arch {arch} is not a ResNet-family network (it has no {', '.join(absent)}); "
+                        "use a resnet/resnext/seresnext name")
+    if weights not in ("imagenet", "none"):
+        load_backbone_weights(model, weights)
+    return model
+
+
+def build_model(name, arch=DEFAULT_ARCH, num_classes=100, weights="imagenet",
+                vit_weights=DEFAULT_VIT, vit_config=None):
+    """Build one of MODEL_NAMES. vit_config (a dict) builds the ViT offline with random weights,
+    as when a checkpoint is about to be loaded."""
+    if name not in MODEL_NAMES:
+        raise UserError(f"--model {name} is not one of {', '.join(MODEL_NAMES)}")
+    model = create_backbone(arch, num_classes, weights)
+    if name == "resnext_vit":
+        vit = build_vit(vit_weights, vit_config)
+        last = len(model.layer4) - 1
+        model.layer4[last] = ViTBlock(model.layer4[last], model.num_features, vit)
+    return model
+
+
+def vit_config_of(model):
+    """The ViT's config as a plain dict (None for models without one), for checkpoints."""
+    block = model.layer4[-1]
+    return block.vit.config.to_dict() if isinstance(block, ViTBlock) else None
+
+
+# ----------------------------------------------------------------------------
+# gradual unfreezing
+
+def parse_unfreeze(spec):
+    """'10:layer4,20:layer3,30:layer2+layer1' -> [(10, ['layer4']), ...]: after epoch 10 layer4 trains too."""
+    schedule = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        epoch, _, stages = part.partition(":")
+        names = stages.split("+")
+        if not epoch.isdigit() or not stages or any(n not in STAGES for n in names):
+            raise UserError(f"--unfreeze '{spec}': each part is EPOCH:STAGE[+STAGE], "
+                            f"stages among {', '.join(STAGES)}")
+        schedule.append((int(epoch), names))
+    if [e for e, _ in schedule] != sorted({e for e, _ in schedule}):
+        raise UserError(f"--unfreeze '{spec}': epochs must increase")
+    return schedule
+
+
+def trainable_stages(schedule, epoch):
+    """The stages that train in `epoch` (1-based): fc always, plus each stage whose epoch has passed."""
+    stages = ["fc"]
+    for start, names in schedule:
+        if epoch > start:
+            stages += names
+    return stages
+
+
+def section_bounds(schedule, epochs):
+    """Epoch ranges [first, last] (1-based) of the unfreezing sections within `epochs`."""
+    starts = [0] + [e for e, _ in schedule if e < epochs]
+    return [(s + 1, e) for s, e in zip(starts, starts[1:] + [epochs])]
+
+
+def apply_unfreeze(model, schedule, epoch, freeze_bn_stats=False):
+    """Set requires_grad for `epoch`. Frozen BatchNorm layers still update their running statistics
+    in train mode, as in the report, unless freeze_bn_stats (call again after model.train())."""
+    stages = trainable_stages(schedule, epoch)
+    for name in STAGES:
+        module = getattr(model, name)
+        module.requires_grad_(name in stages)
+        if freeze_bn_stats and name not in stages:
+            for m in module.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+    return stages
+
+
+def count_params(model, trainable_only=False):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+class StackingEnsemble(nn.Module):
+    """The report's ensemble: frozen members whose logits, concatenated (M x C), feed Linear(M*C -> C)."""
+
+    def __init__(self, members, num_classes):
+        super().__init__()
+        self.members = nn.ModuleList(members).requires_grad_(False)
+        self.head = nn.Linear(len(members) * num_classes, num_classes)
+
+    def member_logits(self, x):  # (B, 3, H, W) -> (B, M*C)
+        return torch.cat([member(x) for member in self.members], dim=1)
+
+    def forward(self, x):
+        return self.head(self.member_logits(x))
+
+
+# ----------------------------------------------------------------------------
+# rebuilding a model from a checkpoint alone (no network, no original weights)
+
+def member_spec(model, name, arch, class_names, img_size, mean, std):
+    """What a member checkpoint needs to rebuild its model and its input pipeline."""
+    return {"model": name, "arch": arch, "class_names": list(class_names), "img_size": int(img_size),
+            "mean": list(mean), "std": list(std), "vit_config": vit_config_of(model)}
+
+
+def member_from_spec(spec, state_dict):
+    model = build_model(spec["model"], spec["arch"], len(spec["class_names"]), weights="none",
+                        vit_config=spec["vit_config"])
+    model.load_state_dict(state_dict)
+    return model
+
+
+def model_from_checkpoint(ckpt):
+    """The model a checkpoint (from utils.load_checkpoint) describes, in eval mode, on the CPU.
+    A member uses the weights its training chose (`ckpt['weights']`: raw or EMA)."""
+    if ckpt["kind"] == "member":
+        weights = ckpt["ema_state_dict"] if ckpt.get("weights") == "ema" else ckpt["state_dict"]
+        model = member_from_spec(ckpt, weights)
+    else:
+        model = StackingEnsemble([member_from_spec(m, m["state_dict"]) for m in ckpt["members"]],
+                                 len(ckpt["class_names"]))
+        model.head.load_state_dict(ckpt["head_state_dict"])
+    return model.eval()

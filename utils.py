@@ -1,0 +1,235 @@
+"""Shared helpers for the scripts: errors, durable writes, checkpoints, devices, distributed."""
+import json
+import os
+import pickle
+import random
+import signal
+import sys
+import tempfile
+import zipfile
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+CHECKPOINT_FORMAT = "imgcls-checkpoint-1"
+
+
+class UserError(Exception):
+    """A mistake the user can fix: printed as one line, never as a traceback."""
+
+
+def run_main(main):
+    """Run a script's main(), turning UserError into a one-line message and exit code 2."""
+    try:
+        return main()
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+# ----------------------------------------------------------------------------
+# durable writes: temp file in the same folder, fsync, os.replace, so a reader
+# (or a kill -9) never sees a missing or half-written file
+
+def atomic_write(path, write_fn):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX only)
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def atomic_save_torch(obj, path):
+    try:
+        atomic_write(path, lambda f: torch.save(obj, f))
+    except OSError as error:
+        raise UserError(f"could not write {path}: {error.strerror or error}; "
+                        "free some disk space or choose another --out-dir") from error
+
+
+def atomic_write_text(path, text):
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def atomic_write_json(path, obj):
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def atomic_savefig(fig, path):
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=fig.dpi))
+
+
+def atomic_write_zip(path, members):
+    """members: {name inside the zip: bytes}."""
+    def write(f):
+        with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            for name, data in members.items():
+                zf.writestr(name, data)
+    atomic_write(path, write)
+
+
+def check_writable(out_dir, flag="--out-dir"):
+    """Fail before any work when the output folder cannot be written."""
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as error:
+        raise UserError(f"{flag} {out_dir} is not writable ({error.strerror or error}); "
+                        "choose another folder") from error
+
+
+# ----------------------------------------------------------------------------
+# checkpoints: plain values and tensors only, always loaded with weights_only=True
+
+def load_checkpoint(path, kind=None):
+    """Load a checkpoint of this project; every way it can be wrong is a one-line UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise UserError(f"checkpoint {path} was refused: it holds objects other than tensors "
+                        "and plain values, so it is not from this project or is unsafe") from error
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
+        raise UserError(f"checkpoint {path} cannot be read (truncated or not a checkpoint): "
+                        f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from error
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"checkpoint {path} is not a checkpoint of this project "
+                        "(train.py and ensemble.py write them)")
+    if kind is not None and ckpt["kind"] != kind:
+        raise UserError(f"checkpoint {path} is a {ckpt['kind']} checkpoint, expected a {kind} one")
+    return ckpt
+
+
+def model_meta(ckpt):
+    """What identifies a checkpoint's task: compared across members and resumes."""
+    return {"class_names": ckpt["class_names"], "img_size": ckpt["img_size"],
+            "mean": ckpt["mean"], "std": ckpt["std"]}
+
+
+# ----------------------------------------------------------------------------
+# random state, saved in checkpoints so that a resumed run continues bit for bit
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state():
+    np_state = np.random.get_state()
+    state = {"python": list(random.getstate()[1]), "python_gauss": random.getstate()[2],
+             "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+             "numpy_pos": int(np_state[2]), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate((3, tuple(state["python"]), state["python_gauss"]))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------
+# devices and precision
+
+def resolve_device(name, local_rank=0):
+    if name == "auto":
+        if torch.cuda.is_available():
+            name = "cuda"
+        elif torch.backends.mps.is_available():
+            name = "mps"
+        else:
+            name = "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+        return torch.device("cuda", local_rank)
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps was asked for but MPS is not available; use --device cpu")
+    return torch.device(name)
+
+
+def resolve_precision(name, device):
+    """auto: bf16 on GPUs that have it, else fp16 (with a scaler) on GPU, fp32 elsewhere."""
+    if name == "auto":
+        if device.type == "cuda":
+            name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            name = "fp32"
+    if name == "fp16" and device.type == "cpu":
+        raise UserError("--precision fp16 needs a GPU; use bf16 or fp32 on the CPU")
+    return name
+
+
+def autocast(device, precision):
+    if precision == "fp32":
+        return nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------
+# distributed (torchrun)
+
+def init_distributed():
+    """Read torchrun's environment; returns (rank, world_size, local_rank)."""
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return 0, 1, 0
+    local_rank = int(os.environ["LOCAL_RANK"])
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend)
+    return dist.get_rank(), dist.get_world_size(), local_rank
+
+
+def refuse_distributed(script):
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError(f"{script} runs in one process; start it with python, not torchrun")
+
+
+# ----------------------------------------------------------------------------
+# stopping cleanly on SIGTERM / SIGINT (cluster preemption, Ctrl-C)
+
+class StopSignal:
+    """The first SIGINT/SIGTERM asks the loop to stop after the current step; a second exits at once."""
+
+    def __init__(self):
+        self.signum = None
+        signal.signal(signal.SIGINT, self._handle)
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            os._exit(128 + signum)
+        self.signum = signum
+        print(f"\nreceived {signal.Signals(signum).name}: stopping after this step "
+              "(send it again to exit at once)", file=sys.stderr, flush=True)
+
+    @property
+    def requested(self):
+        return self.signum is not None
