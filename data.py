@@ -181,24 +181,28 @@ class ImageDataset(Dataset):
     def __getitem__(self, item):
         index, seed = item if isinstance(item, tuple) else (item, None)
         for offset in range(len(self.paths)):
-            path = self.paths[(index + offset) % len(self.paths)]
+            index_read = (index + offset) % len(self.paths)
             try:
-                img = load_rgb(path)
+                img = load_rgb(self.paths[index_read])
                 break
             except OSError as error:  # the file changed after the scan: never end an epoch for it
-                warnings.warn(f"skipping unreadable image {path} ({error})", stacklevel=2)
+                warnings.warn(f"skipping unreadable image {self.paths[index_read]} ({error})", stacklevel=2)
+        else:
+            raise UserError(f"none of the {len(self.paths)} images can be read any more (e.g. {self.paths[index]})")
+        # the label goes with the image actually read, never with the one skipped
         if seed is None:
-            return self.transform(img), self.labels[index]
+            return self.transform(img), self.labels[index_read]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return self.transform(img), self.labels[index]
+            return self.transform(img), self.labels[index_read]
 
 
 # ----------------------------------------------------------------------------
 # sampling and loading
 
 def sample_seed(seed, epoch, index):
-    return (seed * 1_000_003 + epoch) * 10_000_019 + index
+    # torch seeds are 64-bit: without the modulo, seeds above ~900000 (e.g. a date) overflow
+    return ((seed * 1_000_003 + epoch) * 10_000_019 + index) % 2**63
 
 
 class TrainBatchSampler:
@@ -248,9 +252,9 @@ def default_workers(local_world_size=1):
 
 def make_loader(dataset, *, device, workers, batch_size=None, batch_sampler=None):
     """Train loaders take a batch_sampler; evaluation loaders a batch_size (in order, no shuffle)."""
-    return DataLoader(dataset, batch_size=batch_size, batch_sampler=batch_sampler, num_workers=workers,
-                      pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                      prefetch_factor=4 if workers > 0 else None)
+    batching = {"batch_sampler": batch_sampler} if batch_sampler is not None else {"batch_size": batch_size}
+    return DataLoader(dataset, **batching, num_workers=workers, pin_memory=device.type == "cuda",
+                      persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
 
 
 # ----------------------------------------------------------------------------
@@ -327,8 +331,8 @@ def main():
     scan.add_argument("data_dir", type=Path, help="data folder with train/, val/ and test/")
     args = parser.parse_args()
     if args.command == "make-demo":
-        if args.out.exists() and any(args.out.iterdir()):
-            raise UserError(f"{args.out} exists and is not empty; choose a new folder")
+        if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
+            raise UserError(f"{args.out} exists and is not an empty folder; choose a new folder")
         make_demo(args.out, args.seed, args.train_per_class, args.val_per_class, args.test_per_class)
         print(f"wrote the demo dataset ({DEMO_CLASSES} classes) to {args.out}")
     else:

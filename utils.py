@@ -3,6 +3,7 @@ import json
 import os
 import pickle
 import random
+import shutil
 import signal
 import sys
 import tempfile
@@ -82,6 +83,18 @@ def atomic_write_zip(path, members):
             for name, data in members.items():
                 zf.writestr(name, data)
     atomic_write(path, write)
+
+
+def atomic_link(src, dst):
+    """Make dst the same file as src (a hard link costs no write; a copy where links are not possible)."""
+    src, dst = Path(src), Path(dst)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
 
 
 def check_writable(out_dir, flag="--out-dir"):
@@ -233,3 +246,30 @@ class StopSignal:
     @property
     def requested(self):
         return self.signum is not None
+
+
+# ----------------------------------------------------------------------------
+# learning curves (train.py redraws them every epoch; report.py draws several runs)
+
+def plot_curves(history, path, title="", section_starts=()):
+    """Loss and accuracy against epoch for train and val; dashed lines mark unfreezing sections."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    epochs = [row["epoch"] for row in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
+    for ax, key, label in ((ax_loss, "loss", "loss"), (ax_acc, "acc", "accuracy (%)")):
+        ax.plot(epochs, [row[f"train_{key}"] for row in history], "o-", ms=3, label="train")
+        ax.plot(epochs, [row[f"val_{key}"] for row in history], "o-", ms=3, label="val")
+        if key == "acc" and any(row.get("ema_val_acc") is not None for row in history):
+            ax.plot(epochs, [row.get("ema_val_acc") for row in history], "o--", ms=3, label="val (EMA)")
+        for start in section_starts:
+            ax.axvline(start - 0.5, color="grey", ls="--", lw=0.8)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    atomic_savefig(fig, path)
+    plt.close(fig)

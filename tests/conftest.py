@@ -1,0 +1,31 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+# tests never touch the network: every hub lookup must come from local files
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import data  # noqa: E402
+
+TINY_VIT = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                image_size=32, patch_size=16)
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory):
+    """The demo dataset, built once per test session; treat it as read-only."""
+    return data.make_demo(tmp_path_factory.mktemp("demo") / "data", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_vit_dir(tmp_path_factory):
+    """A tiny ViT saved with save_pretrained, standing in for an HF id offline."""
+    from transformers import ViTConfig, ViTModel
+    path = tmp_path_factory.mktemp("vit") / "tiny-vit"
+    ViTModel(ViTConfig(**TINY_VIT), add_pooling_layer=False).save_pretrained(path)
+    return path
