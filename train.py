@@ -9,6 +9,7 @@ iteration, 50 epochs at 224 px. --lr and --min-lr are per 32 images: they are sc
 """
 import argparse
 import math
+import os
 import shutil
 import sys
 import time
@@ -31,6 +32,7 @@ from utils import UserError
 # flags that may differ when a run is resumed; every other flag comes from the checkpoint
 RUNTIME_FLAGS = ("data_dir", "out_dir", "resume", "workers", "device", "stop_after", "save_every",
                  "log_every", "compile", "detect_anomaly", "strict")
+ARTEFACTS = ("last.pt", "best.pt", "history.csv", "config.json", "curves.png")  # what a run writes in --out-dir
 
 
 def get_args_parser():
@@ -70,7 +72,8 @@ def get_args_parser():
     parser.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across ranks under torchrun")
     parser.add_argument("--strict", action="store_true", help="refuse to train when an image is unreadable "
                         "(default: warn and leave it out)")
-    parser.add_argument("--resume", nargs="?", const="last", help="continue a run: its last.pt, or PATH")
+    parser.add_argument("--resume", nargs="?", const="last", help="continue a run from PATH, or (no PATH) from "
+                        "--out-dir's last.pt when there is one, else start it")
     parser.add_argument("--stop-after", type=int, help="end cleanly after this epoch, resumable later")
     parser.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps (0: off)")
     parser.add_argument("--log-every", type=int, default=20, help="steps between progress updates (each costs "
@@ -100,6 +103,11 @@ def resolve_args(args, given):
         if args.model is None and args.out_dir is None:
             raise UserError("--resume without a PATH needs --model or --out-dir to find last.pt")
         path = (args.out_dir or Path("runs") / args.model) / "last.pt"
+        if not path.exists() and args.model is not None:  # nothing to resume yet: start (a requeued job)
+            if os.environ.get("RANK", "0") == "0":
+                print(f"no {path} yet: starting a new run")
+            args.resume, args.out_dir = None, path.parent
+            return args, None
     else:
         path = Path(args.resume)
     ckpt = utils.load_checkpoint(path, kind="member")
@@ -164,6 +172,16 @@ def gather_rng():
     return states
 
 
+def write_history(out_dir, history, title, section_starts):
+    """history.csv and curves.png, rewritten whole from the rows that last.pt holds."""
+    utils.atomic_write_text(out_dir / "history.csv", pd.DataFrame(history).to_csv(index=False))
+    utils.plot_curves(history, out_dir / "curves.png", title=title, section_starts=section_starts)
+
+
+def all_finite(tensors):
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
 def check_disk_space(out_dir, model, ema):
     """Refuse to start when the disk cannot hold a checkpoint twice (the new one is written beside the old)."""
     per_copy = sum(p.numel() * p.element_size() for p in model.state_dict().values())
@@ -192,6 +210,7 @@ def main():
     out_dir = args.out_dir
     if is_main:
         utils.check_writable(out_dir)
+        utils.remove_stale_temps(out_dir, ARTEFACTS)  # left by a kill -9 in the middle of a write
 
     # -------------------------------------------------------------------- data
     train_paths, train_labels, class_names = data.load_split(args.data_dir, "train", strict=args.strict)
@@ -215,6 +234,8 @@ def main():
     else:  # everything comes from the checkpoint: no network, no original weights
         model = models.member_from_spec(ckpt, ckpt["state_dict"])
     if args.sync_bn and world_size > 1:
+        if device.type != "cuda":
+            raise UserError("--sync-bn needs CUDA GPUs (PyTorch's SyncBatchNorm); leave it out on the CPU")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device, memory_format=channels_last)
     spec = models.member_spec(model, args.model, args.arch, class_names, args.img_size, mean, std)
@@ -239,6 +260,12 @@ def main():
         if len(ckpt["rng"]) == world_size:
             utils.set_rng_state(ckpt["rng"][rank])
         log(f"resuming {args.resume}: epoch {start_epoch}, step {start_step} of {steps_per_epoch}")
+        # an epoch's end writes last.pt, then best.pt and history.csv: a kill in between leaves those
+        # behind last.pt, so bring them up to it before anything else is written
+        if is_main and history:
+            if ckpt["step"] == 0 and ckpt["best_epoch"] == ckpt["epoch"]:
+                utils.atomic_link(args.resume, out_dir / "best.pt")
+            write_history(out_dir, history, f"{args.model} ({args.arch})", [a for a, _ in sections[1:]])
 
     config = dict(vars(args), out_dir=str(out_dir), data_dir=str(args.data_dir), resume=args.resume,
                   world_size=world_size, device=str(device), precision=precision, workers=workers,
@@ -270,7 +297,7 @@ def main():
 
     # -------------------------------------------------------------------- loop
     stop = utils.StopSignal()
-    trainable, train_model, weights = None, None, "raw"
+    trainable, train_model, weights = None, None, ckpt["weights"] if ckpt else "raw"
     for epoch in range(start_epoch, args.epochs + 1):
         model.train()
         stages = models.apply_unfreeze(model, freeze, epoch, args.freeze_bn_stats) if freeze else None
@@ -309,8 +336,7 @@ def main():
                 ema.update(model, step=(epoch - 1) * steps_per_epoch + step)
             detached = loss.detach()
             if not scaler.is_enabled():  # fp16's scaler skips bad steps itself
-                nonfinite_step = torch.where((nonfinite_step < 0) & ~torch.isfinite(detached),
-                                             torch.tensor(step, device=device), nonfinite_step)
+                nonfinite_step.masked_fill_((nonfinite_step < 0) & ~torch.isfinite(detached), step)
             loss_sum += detached.double() * labels.numel()
             correct += (logits.detach().argmax(1) == labels).sum()
             count += labels.numel()
@@ -319,10 +345,14 @@ def main():
             # ranks enter this block together: a signal seen by one rank is shared at the next log step
             signalled = stop.requested and world_size == 1
             if step % args.log_every == 0 or checkpoint_due or signalled or step == steps_per_epoch:
-                bad_step = int(nonfinite_step.item())
+                bad_step, what = int(nonfinite_step.item()), "loss"
+                if bad_step < 0 and not scaler.is_enabled() and not all_finite(model.parameters()):
+                    # a finite loss but a non-finite gradient (at this step or since the last check) shows in the
+                    # weights; fp16's scaler skips such steps instead
+                    bad_step, what = step - 1, "gradient"
                 if any_rank(bad_step >= 0, device):
                     good = out_dir / "last.pt" if (out_dir / "last.pt").exists() else "none yet"
-                    raise UserError(f"non-finite loss at epoch {epoch}, step {max(bad_step, 0) + 1} of "
+                    raise UserError(f"non-finite {what} at epoch {epoch}, step {max(bad_step, 0) + 1} of "
                                     f"{steps_per_epoch}; the last good checkpoint ({good}) is left intact; "
                                     "lower --lr or look with --detect-anomaly")
                 elapsed = time.perf_counter() - epoch_start
@@ -345,6 +375,9 @@ def main():
         if dist.is_initialized():
             dist.all_reduce(train_totals)
         train_loss, train_correct, train_count = train_totals.tolist()
+        if dist.is_initialized():  # rank 0's BatchNorm statistics are the ones saved: evaluate with them
+            for buffer in [*model.buffers(), *(ema.module.buffers() if ema else [])]:
+                dist.broadcast(buffer, 0)
         val_loss, val_acc = evaluate(model, val_loader, device, precision, channels_last)
         row = {"epoch": epoch, "lr": lr, "train_loss": train_loss / train_count,
                "train_acc": 100 * train_correct / train_count, "val_loss": val_loss, "val_acc": val_acc,
@@ -364,9 +397,7 @@ def main():
         if is_main:
             if improved:
                 utils.atomic_link(path, out_dir / "best.pt")
-            utils.atomic_write_text(out_dir / "history.csv", pd.DataFrame(history).to_csv(index=False))
-            utils.plot_curves(history, out_dir / "curves.png", title=f"{args.model} ({args.arch})",
-                              section_starts=[a for a, _ in sections[1:]])
+            write_history(out_dir, history, f"{args.model} ({args.arch})", [a for a, _ in sections[1:]])
             ema_note = f" ema_val_acc {row['ema_val_acc']:.2f}" if ema is not None else ""
             tqdm.write(f"epoch {epoch}/{args.epochs} lr {lr:.2e} train_loss {row['train_loss']:.4f} "
                        f"train_acc {row['train_acc']:.2f} val_loss {val_loss:.4f} val_acc {val_acc:.2f}{ema_note} "

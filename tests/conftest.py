@@ -29,3 +29,28 @@ def tiny_vit_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("vit") / "tiny-vit"
     ViTModel(ViTConfig(**TINY_VIT), add_pooling_layer=False).save_pretrained(path)
     return path
+
+
+def run_script(*args, check=True, env=None, timeout=600):
+    """Run one of the project's scripts in a subprocess, as a user would."""
+    import subprocess
+    result = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                            env=env, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{args} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+TINY_TRAIN = ("--arch", "resnet10t", "--weights", "none", "--img-size", "32", "--workers", "0")
+
+
+@pytest.fixture(scope="session")
+def member_runs(demo_dir, tiny_vit_dir, tmp_path_factory):
+    """The three members trained 2 epochs on the demo data (tiny): model name -> run dir. Read-only."""
+    runs = tmp_path_factory.mktemp("runs")
+    extra = {"resnext": (), "resnext_freeze": ("--unfreeze", "1:layer4"),
+             "resnext_vit": ("--vit-weights", tiny_vit_dir)}
+    for name, flags in extra.items():
+        run_script("train.py", "--model", name, "--data-dir", demo_dir, "--out-dir", runs / name,
+                   "--epochs", "2", *TINY_TRAIN, *flags)
+    return {name: runs / name for name in extra}
