@@ -4,18 +4,22 @@ Layout: DATA/train/<class>/*, DATA/val/<class>/*, DATA/test/* (flat).
 `python data.py make-demo OUT` writes a small synthetic dataset in that layout.
 """
 import argparse
+import functools
+import math
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import v2
 
-from utils import UserError, run_main
+from utils import UserError, atomic_write_text, run_main
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -35,8 +39,9 @@ def list_images(folder):
 
 def class_sort_key(names):
     """Numeric order when every class name is an integer (0, 1, 2, ..., 10), else lexicographic."""
-    if all(name.lstrip("-").isdigit() for name in names):
-        return sorted(names, key=int)
+    # isdecimal, not isdigit: int() refuses digits such as "²"; the name breaks ties such as "1" and "01"
+    if all(name.lstrip("-").isdecimal() for name in names):
+        return sorted(names, key=lambda name: (int(name), name))
     return sorted(names)
 
 
@@ -61,15 +66,16 @@ def check_image(path):
         return f"{type(error).__name__}: {error}"
 
 
-def scan_images(paths, strict=False, workers=None):
-    """Return the readable paths; warn about (or, with strict, refuse) the rest, by path."""
+def scan_images(paths, strict=False, workers=None, skip_hint="run without --strict to skip them"):
+    """Return the readable paths; warn about (or, with strict, refuse) the rest, by path.
+    skip_hint: how the calling script skips them, for the error."""
     # PIL releases the GIL while decoding, so threads scale without the cost of spawning processes
     with ThreadPoolExecutor(max_workers=workers or default_workers()) as pool:
         reasons = list(pool.map(check_image, paths))
     bad = [(p, r) for p, r in zip(paths, reasons) if r is not None]
     if bad and strict:
         raise UserError(f"unreadable image {bad[0][0]} ({bad[0][1]}) and {len(bad) - 1} more; "
-                        "remove them or run without --strict to skip them")
+                        f"remove them or {skip_hint}")
     for path, reason in bad:
         warnings.warn(f"skipping unreadable image {path} ({reason})", stacklevel=2)
     bad_paths = {p for p, _ in bad}
@@ -103,7 +109,7 @@ def load_split(data_dir, split, class_names=None, strict=False):
     return good, labels, class_names
 
 
-def load_test(test_dir, strict=True):
+def load_test(test_dir, strict=True, skip_hint="pass --skip-bad to predict nothing for them"):
     """Return the test images, sorted by name; two files with one stem would collide in the CSV."""
     test_dir = Path(test_dir)
     if not test_dir.is_dir():
@@ -117,7 +123,7 @@ def load_test(test_dir, strict=True):
             raise UserError(f"test images {seen[path.stem].name} and {path.name} in {test_dir} share the "
                             f"name '{path.stem}' and would collide in the CSV; rename one")
         seen[path.stem] = path
-    good, bad = scan_images(paths, strict=strict)
+    good, bad = scan_images(paths, strict=strict, skip_hint=skip_hint)
     return sorted(good, key=lambda p: p.stem), bad
 
 
@@ -130,21 +136,32 @@ def load_rgb(path, draft_size=None):
         if draft_size is not None:
             img.draft("RGB", (draft_size, draft_size))
         img.load()
-        if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-            array = np.asarray(img, dtype=np.float64)
-            span = max(array.max() - array.min(), 1e-12)
-            img = Image.fromarray(((array - array.min()) / span * 255).astype(np.uint8))
-        if img.mode == "P" or img.mode in ("LA", "PA", "RGBA"):
-            rgba = img.convert("RGBA")
-            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            return Image.alpha_composite(white, rgba).convert("RGB")
-        return img.convert("RGB")
+        return to_rgb(img)
+
+
+def to_rgb(img):
+    """A loaded PIL image of any mode as RGB; transparency is composited on white."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(img, dtype=np.float64)
+        span = max(array.max() - array.min(), 1e-12)
+        img = Image.fromarray(((array - array.min()) / span * 255).astype(np.uint8))
+    if img.mode == "P" or img.mode in ("LA", "PA", "RGBA"):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
 
 
 # ----------------------------------------------------------------------------
 # pipelines (the report's, applied to PIL images as in its torchvision v1 code)
 
-def train_transform(img_size, *, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+def train_transform(img_size, *, aug="report", mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """aug: report (the chain below, on decoded PIL images), fused (the same random maps as one warp
+    from a reduced JPEG decode; it reads the path itself) or fused-gpu (see FusedTrainTransform)."""
+    if aug not in TRAIN_AUGS:
+        raise UserError(f"--aug {aug} is not one of {', '.join(TRAIN_AUGS)}")
+    if aug != "report":
+        return FusedTrainTransform(img_size, mean=mean, std=std, device_warp=aug == "fused-gpu")
     return v2.Compose([
         v2.RandomResizedCrop(img_size),
         v2.RandomHorizontalFlip(),
@@ -180,21 +197,221 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, item):
         index, seed = item if isinstance(item, tuple) else (item, None)
-        for offset in range(len(self.paths)):
-            index_read = (index + offset) % len(self.paths)
-            try:
-                img = load_rgb(self.paths[index_read])
-                break
-            except OSError as error:  # the file changed after the scan: never end an epoch for it
-                warnings.warn(f"skipping unreadable image {self.paths[index_read]} ({error})", stacklevel=2)
-        else:
-            raise UserError(f"none of the {len(self.paths)} images can be read any more (e.g. {self.paths[index]})")
+        # a transform with reads_path (FusedTrainTransform) decodes the file itself, at the size it needs
+        reads_path = getattr(self.transform, "reads_path", False)
+        with nullcontext() if seed is None else torch.random.fork_rng(devices=[]):
+            if seed is not None:  # the CPU generator only: torch.manual_seed also queues CUDA seeding, slowly
+                torch.default_generator.manual_seed(seed)
+            for offset in range(len(self.paths)):
+                index_read = (index + offset) % len(self.paths)
+                path = self.paths[index_read]
+                try:
+                    sample = self.transform(path) if reads_path else self.transform(load_rgb(path))
+                    break
+                except OSError as error:  # the file changed after the scan: never end an epoch for it
+                    warnings.warn(f"skipping unreadable image {path} ({error})", stacklevel=2)
+            else:
+                raise UserError(f"none of the {len(self.paths)} images can be read any more "
+                                f"(e.g. {self.paths[index]})")
         # the label goes with the image actually read, never with the one skipped
-        if seed is None:
-            return self.transform(img), self.labels[index_read]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return self.transform(img), self.labels[index_read]
+        return sample, self.labels[index_read]
+
+
+# ----------------------------------------------------------------------------
+# fused train augmentation: the report's chain (RandomResizedCrop, RandomHorizontalFlip,
+# RandomAffine(30), RandomPerspective) is a chain of projective maps. The same random parameters are
+# drawn, composed into one homography and applied as one bilinear warp (grid_sample, edges as PIL's),
+# from a JPEG decoded at the smallest DCT scale at which the crop still has the output's resolution.
+#
+# Coordinates are normalised: (0, 0) is an image's top-left corner, (1, 1) its bottom-right one, and
+# pixel x's centre is (x + 0.5) / width, as in PIL. "maps" (2, 3, 3) take an output point to [0] the
+# RandomResizedCrop output, where the pixel is read, and [1] the perspective's input. An output pixel
+# is black (the chain's fill, 0) unless both points lie in [0, 1): the rotation's and the
+# perspective's corners.
+
+TRAIN_AUGS = ("report", "fused", "fused-gpu")
+RRC_SCALE = (0.08, 1.0)
+RRC_RATIO = (3 / 4, 4 / 3)
+RRC_LOG_RATIO = tuple(torch.log(torch.tensor(RRC_RATIO)).tolist())  # float32, as v2 computes it
+AFFINE_DEGREES = 30.0
+PERSPECTIVE_DISTORTION, PERSPECTIVE_P, FLIP_P = 0.5, 0.5, 0.5
+
+
+def sample_train_params(width, height, img_size):
+    """Draw the chain's parameters for a width x height image from torch's global RNG with the calls,
+    in the order, of torchvision v2's RandomResizedCrop(img_size), RandomHorizontalFlip(),
+    RandomAffine(degrees=30) and RandomPerspective(): under one seed both draw the same values."""
+    area = width * height
+    for _ in range(10):
+        target_area = area * torch.empty(1).uniform_(*RRC_SCALE).item()
+        aspect_ratio = torch.exp(torch.empty(1).uniform_(*RRC_LOG_RATIO)).item()
+        w = int(round(math.sqrt(target_area * aspect_ratio)))
+        h = int(round(math.sqrt(target_area / aspect_ratio)))
+        if 0 < w <= width and 0 < h <= height:
+            top = torch.randint(0, height - h + 1, size=(1,)).item()
+            left = torch.randint(0, width - w + 1, size=(1,)).item()
+            break
+    else:  # v2's fallback: a central crop, clipped to the ratio range
+        if width / height < RRC_RATIO[0]:
+            w, h = width, int(round(width / RRC_RATIO[0]))
+        elif width / height > RRC_RATIO[1]:
+            w, h = int(round(height * RRC_RATIO[1])), height
+        else:
+            w, h = width, height
+        top, left = (height - h) // 2, (width - w) // 2
+    flip = bool(torch.rand(1) < FLIP_P)
+    angle = torch.empty(1).uniform_(-AFFINE_DEGREES, AFFINE_DEGREES).item()
+    endpoints = None
+    if torch.rand(1) < PERSPECTIVE_P:
+        bound = int(PERSPECTIVE_DISTORTION * (img_size // 2)) + 1
+        low, high = (0, bound), (img_size - bound, img_size)
+        endpoints = [[int(torch.randint(*x, size=(1,))), int(torch.randint(*y, size=(1,)))]
+                     for x, y in ((low, low), (high, low), (high, high), (low, high))]
+    return {"top": top, "left": left, "height": h, "width": w, "flip": flip, "angle": angle, "endpoints": endpoints}
+
+
+def homography(src, dst):
+    """The 3x3 projective map (float64) that takes the four points src to dst."""
+    rows, rhs = [], []
+    for (x, y), (u, v) in zip(src, dst):
+        rows += [[x, y, 1, 0, 0, 0, -u * x, -u * y], [0, 0, 0, x, y, 1, -v * x, -v * y]]
+        rhs += [u, v]
+    return np.append(np.linalg.solve(np.array(rows, dtype=np.float64), np.array(rhs, dtype=np.float64)),
+                     1.0).reshape(3, 3)
+
+
+def train_maps(params, img_size):
+    """The (2, 3, 3) float64 maps (see above) of sample_train_params' parameters."""
+    to_pixels, to_unit = np.diag([img_size, img_size, 1.0]), np.diag([1 / img_size, 1 / img_size, 1.0])
+    perspective = np.eye(3)
+    if params["endpoints"] is not None:
+        # as torchvision's: in pixels, from the drawn corners (output) to the image corners (input)
+        corners = [[0, 0], [img_size - 1, 0], [img_size - 1, img_size - 1], [0, img_size - 1]]
+        perspective = to_unit @ homography(params["endpoints"], corners) @ to_pixels
+    # the inverse rotation about the centre that torchvision hands PIL (output -> input)
+    cos, sin = math.cos(math.radians(params["angle"])), math.sin(math.radians(params["angle"]))
+    rotation = np.array([[cos, sin, 0.5 * (1 - cos - sin)], [-sin, cos, 0.5 * (1 - cos + sin)], [0, 0, 1]])
+    flip = np.array([[-1.0, 0, 1], [0, 1, 0], [0, 0, 1]]) if params["flip"] else np.eye(3)
+    return np.stack([flip @ rotation @ perspective, perspective])
+
+
+def crop_box(params, scale=1.0):
+    """The crop (left, top, right, bottom) in pixels of the image decoded at `scale`."""
+    left, top = params["left"] * scale, params["top"] * scale
+    return left, top, left + params["width"] * scale, top + params["height"] * scale
+
+
+def draft_for_crop(img, params, img_size):
+    """Have PIL decode a JPEG at 1/2, 1/4 or 1/8 scale where the crop keeps img_size pixels or more each
+    way, so that nothing is upsampled that the chain does not upsample. Returns the scale (decoded pixels
+    per original pixel): 1 for small crops and for other formats."""
+    width, height = img.size
+    factor = next((f for f in (8, 4, 2) if f * img_size <= min(params["width"], params["height"])), 1)
+    drafted = img.draft("RGB", (width // factor, height // factor)) if factor > 1 else None
+    return 1.0 if drafted is None else drafted[1][2] / width
+
+
+@functools.lru_cache(maxsize=8)
+def _pixel_centres(img_size, device):
+    centres = (torch.arange(img_size, dtype=torch.float32, device=device) + 0.5) / img_size
+    y, x = torch.meshgrid(centres, centres, indexing="ij")
+    return torch.stack([x, y, torch.ones_like(x)], dim=-1)  # (S, S, 3)
+
+
+def map_points(maps, img_size):
+    """maps (B, K, 3, 3) -> (B, K, S, S, 2): where each output pixel centre lands in each frame."""
+    batch, frames = maps.shape[:2]
+    # one (S*S, 3) x (3, B*K*3) product: batched 3x3 products are slow on the CPU
+    centres = _pixel_centres(img_size, maps.device).to(maps.dtype).view(-1, 3)
+    points = centres @ maps.permute(3, 0, 1, 2).reshape(3, -1)
+    points = points.view(img_size, img_size, batch, frames, 3).permute(2, 3, 0, 1, 4)
+    return points[..., :2] / points[..., 2:]
+
+
+def valid_mask(points):
+    """(B, K, S, S, 2) points -> (B, S, S): the pixels whose points all lie in [0, 1)."""
+    return ((points >= 0) & (points < 1)).all(dim=-1).all(dim=1)
+
+
+def valid_region(maps, img_size):
+    """valid_mask for one image on the CPU, without a division per pixel: a frame's point lies in [0, 1)
+    where 0 <= row_i . p < row_2 . p (i = x, y), 8 half-planes of the output (the maps' denominators
+    row_2 . p stay positive over the output at the chain's distortion). Each output row is one
+    interval of x. Returns bool (img_size, img_size)."""
+    planes = np.concatenate([maps[:, :2], maps[:, 2:] - maps[:, :2]], axis=1).reshape(-1, 3)  # (8, 3)
+    centres = (np.arange(img_size) + 0.5) / img_size
+    slope = planes[:, :1]
+    bound = -(planes[:, 1:2] * centres + planes[:, 2:3])  # plane holds where slope * x >= bound
+    with np.errstate(divide="ignore", invalid="ignore"):
+        x_limit = bound / slope
+    low = np.where(slope > 0, x_limit, -np.inf).max(axis=0)
+    high = np.where(slope < 0, x_limit, np.inf).min(axis=0)
+    rows = np.where(slope == 0, bound <= 0, True).all(axis=0)
+    return (centres >= low[:, None]) & (centres < high[:, None]) & rows[:, None]
+
+
+def sample_bilinear(pixels, points):
+    """Bilinear samples of float pixels (B, C, H, W) at normalised points (B, S, S, 2), edges clamped as
+    PIL's bilinear transform clamps them."""
+    return F.grid_sample(pixels, points * 2 - 1, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def normalize_255(pixels, mean, std):
+    """Float pixels (..., 3, H, W) in 0..255 -> ToDtype(scale=True) then Normalize, in place."""
+    mean = torch.tensor(mean, device=pixels.device).view(3, 1, 1)
+    std = torch.tensor(std, device=pixels.device).view(3, 1, 1)
+    return pixels.mul_(1 / (255 * std)).sub_(mean / std)
+
+
+def warp_image(img, maps, box, img_size):
+    """The CPU path's one warp: the crop box (left, top, right, bottom; pixels) of a PIL RGB image through
+    maps (2, 3, 3) -> float (3, img_size, img_size) in 0..255, 0 (black) where the chain fills."""
+    left, top, right, bottom = box
+    # only the crop's pixels (every valid point falls in it) become floats
+    x0, y0 = int(left), int(top)
+    x1, y1 = min(math.ceil(right), img.width), min(math.ceil(bottom), img.height)
+    region = v2.functional.pil_to_tensor(img.crop((x0, y0, x1, y1)))[None].float()
+    w, h = x1 - x0, y1 - y0
+    to_region = np.array([[(right - left) / w, 0, (left - x0) / w], [0, (bottom - top) / h, (top - y0) / h],
+                          [0, 0, 1]])
+    points = map_points(torch.from_numpy(to_region @ maps[0]).float()[None, None], img_size)[:, 0]
+    return sample_bilinear(region, points)[0].mul_(torch.from_numpy(valid_region(maps, img_size)))
+
+
+class FusedTrainTransform:
+    """The report's train chain as one warp per image (see above). It is called with the file's path
+    (ImageDataset passes paths to transforms with reads_path) and draws from torch's global RNG, so
+    ImageDataset's (index, seed) items make it deterministic.
+
+    device_warp=False ("fused"): returns the normalised float (3, img_size, img_size) tensor.
+    device_warp=True ("fused-gpu"): returns (uint8 (3, img_size, img_size), float32 maps (2, 3, 3)): the
+    crop, cut and resized here as the chain's first step does; the loop passes the batch of both to
+    warp_batch on the GPU, which flips, rotates, distorts and normalises it."""
+    reads_path = True
+
+    def __init__(self, img_size, *, mean=IMAGENET_MEAN, std=IMAGENET_STD, device_warp=False):
+        self.img_size, self.mean, self.std, self.device_warp = img_size, tuple(mean), tuple(std), device_warp
+
+    def __call__(self, path):
+        with Image.open(path) as img:
+            params = sample_train_params(img.width, img.height, self.img_size)
+            scale = draft_for_crop(img, params, self.img_size)
+            img.load()
+            rgb = img if img.mode == "RGB" else to_rgb(img)  # most JPEGs: read in place, no copy
+            maps, box = train_maps(params, self.img_size), crop_box(params, scale)
+            if self.device_warp:
+                crop = rgb.resize((self.img_size, self.img_size), Image.Resampling.BILINEAR, box=box)
+                return v2.functional.pil_to_tensor(crop), torch.from_numpy(maps).float()
+            return normalize_255(warp_image(rgb, maps, box, self.img_size), self.mean, self.std)
+
+
+def warp_batch(images, maps, img_size, *, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """The device half of aug="fused-gpu": uint8 images (B, 3, H, W) and maps (B, K, 3, 3) on any device
+    -> normalised float (B, 3, img_size, img_size): the CPU path's warp, with the fill wherever a point of
+    any frame leaves [0, 1)."""
+    points = map_points(maps.float(), img_size)
+    out = sample_bilinear(images.float(), points[:, 0]).mul_(valid_mask(points)[:, None])
+    return normalize_255(out, mean, std)
 
 
 # ----------------------------------------------------------------------------
@@ -312,7 +529,7 @@ def make_demo(out_dir, seed=0, train_per_class=40, val_per_class=10, test_per_cl
                 if split == "test":
                     test_rows.append(f"{Path(name).stem},{label}")
                 counter += 1
-    (out_dir / "test_labels.csv").write_text("image_name,label\n" + "\n".join(sorted(test_rows)) + "\n")
+    atomic_write_text(out_dir / "test_labels.csv", "image_name,label\n" + "\n".join(sorted(test_rows)) + "\n")
     return out_dir
 
 

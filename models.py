@@ -64,7 +64,7 @@ def load_state_file(path):
         raise UserError(f"--weights {path}: file not found; give a .pth or .safetensors state dict, "
                         "or 'imagenet' or 'none'")
     try:
-        if path.suffix == ".safetensors":
+        if path.suffix.lower() == ".safetensors":
             from safetensors.torch import load_file
             state = load_file(path)
         else:
@@ -211,6 +211,11 @@ def member_spec(model, name, arch, class_names, img_size, mean, std):
             "mean": list(mean), "std": list(std), "vit_config": vit_config_of(model)}
 
 
+def spec_from_checkpoint(ckpt):
+    """The member_spec fields of a member checkpoint, without building its model."""
+    return {key: ckpt[key] for key in ("model", "arch", "class_names", "img_size", "mean", "std", "vit_config")}
+
+
 def member_from_spec(spec, state_dict):
     model = build_model(spec["model"], spec["arch"], len(spec["class_names"]), weights="none",
                         vit_config=spec["vit_config"])
@@ -218,12 +223,16 @@ def member_from_spec(spec, state_dict):
     return model
 
 
+def chosen_weights(ckpt):
+    """The state dict a member checkpoint's training chose for inference (`ckpt['weights']`: raw or EMA)."""
+    return ckpt["ema_state_dict"] if ckpt.get("weights") == "ema" else ckpt["state_dict"]
+
+
 def model_from_checkpoint(ckpt):
     """The model a checkpoint (from utils.load_checkpoint) describes, in eval mode, on the CPU.
     A member uses the weights its training chose (`ckpt['weights']`: raw or EMA)."""
     if ckpt["kind"] == "member":
-        weights = ckpt["ema_state_dict"] if ckpt.get("weights") == "ema" else ckpt["state_dict"]
-        model = member_from_spec(ckpt, weights)
+        model = member_from_spec(ckpt, chosen_weights(ckpt))
     else:
         model = StackingEnsemble([member_from_spec(m, m["state_dict"]) for m in ckpt["members"]],
                                  len(ckpt["class_names"]))

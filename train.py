@@ -55,6 +55,9 @@ def get_args_parser():
     parser.add_argument("--weight-decay", type=float, default=0.0, help="SGD weight decay")
     parser.add_argument("--label-smoothing", type=float, default=0.0, help="cross-entropy label smoothing")
     parser.add_argument("--img-size", type=int, default=224, help="train and eval image size")
+    parser.add_argument("--aug", default="report", choices=data.TRAIN_AUGS, help="train augmentation: report "
+                        "(the report's chain), fused (the same random maps as one warp from a reduced JPEG "
+                        "decode), fused-gpu (that warp done on the device for the whole batch)")
     parser.add_argument("--unfreeze", default=models.DEFAULT_UNFREEZE, help="resnext_freeze: EPOCH:STAGE[+STAGE] "
                         "list; after EPOCH those stages train too; the cosine restarts at each section")
     parser.add_argument("--freeze-bn-stats", action="store_true", help="resnext_freeze: keep running BatchNorm "
@@ -219,7 +222,8 @@ def main():
         raise UserError(f"--resume {args.resume} was trained on other classes than {args.data_dir}/train "
                         f"({len(ckpt['class_names'])} vs {len(class_names)} classes, or another order)")
     mean, std = data.IMAGENET_MEAN, data.IMAGENET_STD
-    train_set = data.ImageDataset(train_paths, train_labels, data.train_transform(args.img_size, mean=mean, std=std))
+    train_pipeline = data.train_transform(args.img_size, aug=args.aug, mean=mean, std=std)
+    train_set = data.ImageDataset(train_paths, train_labels, train_pipeline)
     val_set = data.ImageDataset(val_paths, val_labels, data.eval_transform(args.img_size, mean=mean, std=std))
     workers = data.default_workers(world_size) if args.workers < 0 else args.workers
     sampler = data.TrainBatchSampler(len(train_set), args.batch_size, args.seed, rank, world_size)
@@ -295,6 +299,14 @@ def main():
         launcher = "torchrun --nproc_per_node=%d" % world_size if world_size > 1 else "python"
         return f"{launcher} train.py --resume {out_dir / 'last.pt'}"
 
+    def to_device(images):
+        """A train batch on the device; fused-gpu batches are (uint8 images, maps) warped there in one go."""
+        if args.aug != "fused-gpu":
+            return images.to(device, non_blocking=True, memory_format=channels_last)
+        pixels, maps = (t.to(device, non_blocking=True) for t in images)
+        return data.warp_batch(pixels, maps, args.img_size, mean=mean, std=std).contiguous(
+            memory_format=channels_last)
+
     # -------------------------------------------------------------------- loop
     stop = utils.StopSignal()
     trainable, train_model, weights = None, None, ckpt["weights"] if ckpt else "raw"
@@ -323,7 +335,7 @@ def main():
             lr = lr_at(args, sections, steps_per_epoch, epoch, step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            images = images.to(device, non_blocking=True, memory_format=channels_last)
+            images = to_device(images)
             labels = labels.to(device, non_blocking=True)
             with utils.autocast(device, precision):
                 logits = train_model(images)
@@ -351,7 +363,7 @@ def main():
                     # weights; fp16's scaler skips such steps instead
                     bad_step, what = step - 1, "gradient"
                 if any_rank(bad_step >= 0, device):
-                    good = out_dir / "last.pt" if (out_dir / "last.pt").exists() else "none yet"
+                    good = out_dir / "last.pt" if (out_dir / "last.pt").exists() else args.resume or "none yet"
                     raise UserError(f"non-finite {what} at epoch {epoch}, step {max(bad_step, 0) + 1} of "
                                     f"{steps_per_epoch}; the last good checkpoint ({good}) is left intact; "
                                     "lower --lr or look with --detect-anomaly")

@@ -3,6 +3,7 @@ import json
 import os
 import pickle
 import random
+import re
 import shutil
 import signal
 import sys
@@ -35,33 +36,52 @@ def run_main(main):
 # durable writes: temp file in the same folder, fsync, os.replace, so a reader
 # (or a kill -9) never sees a missing or half-written file
 
-def atomic_write(path, write_fn):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX only)
-        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+def write_error(path, error):
+    return UserError(f"could not write {path} ({error.strerror or error}); any previous {Path(path).name} is "
+                     f"left as it was; free some disk space or make {Path(path).parent} writable")
+
+
+def fsync_dir(folder):
+    """Make a rename or link in `folder` durable (POSIX only; Windows has no directory handles)."""
+    if hasattr(os, "O_DIRECTORY"):
+        dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
 
 
-def atomic_save_torch(obj, path):
+def atomic_write(path, write_fn):
+    """write_fn(binary file) into a temp file beside path, then rename it over path. A failure (disk full,
+    read-only folder) is a UserError that leaves the previous file untouched and no temp file behind."""
+    path = Path(path)
+    tmp = None
     try:
-        atomic_write(path, lambda f: torch.save(obj, f))
-    except OSError as error:
-        raise UserError(f"could not write {path}: {error.strerror or error}; "
-                        "free some disk space or choose another --out-dir") from error
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException as error:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise write_error(path, error) from error
+        raise
+
+
+def remove_stale_temps(folder, names):
+    """Delete the temp files that a killed process left in `folder` while writing one of `names`."""
+    for name in names:
+        for tmp in Path(folder).glob(f".{name}.*.tmp"):
+            tmp.unlink(missing_ok=True)
+
+
+def atomic_save_torch(obj, path):
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def atomic_write_text(path, text):
@@ -88,13 +108,22 @@ def atomic_write_zip(path, members):
 def atomic_link(src, dst):
     """Make dst the same file as src (a hard link costs no write; a copy where links are not possible)."""
     src, dst = Path(src), Path(dst)
+    if dst.exists() and os.path.samefile(src, dst):  # rename() between two links of one file does nothing
+        return
     tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
     tmp.unlink(missing_ok=True)
     try:
         os.link(src, tmp)
     except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+        with open(src, "rb") as f:
+            atomic_write(dst, lambda out: shutil.copyfileobj(f, out))
+        return
+    try:
+        os.replace(tmp, dst)
+        fsync_dir(dst.parent)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise write_error(dst, error) from error
 
 
 def check_writable(out_dir, flag="--out-dir"):
@@ -119,17 +148,18 @@ def load_checkpoint(path, kind=None):
         raise UserError(f"checkpoint {path} does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise UserError(f"checkpoint {path} was refused: it holds objects other than tensors "
-                        "and plain values, so it is not from this project or is unsafe") from error
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
-        raise UserError(f"checkpoint {path} cannot be read (truncated or not a checkpoint): "
-                        f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from error
+    except Exception as error:  # weights_only runs no code: any failure (of many types) means a bad file
+        unsafe = re.search(r"GLOBAL (\S+) was not an allowed global", str(error))
+        if isinstance(error, pickle.UnpicklingError) and unsafe:
+            raise UserError(f"checkpoint {path} was refused: loading it would call {unsafe[1]}, but checkpoints "
+                            "hold only tensors and plain values; it is not from this project, or unsafe") from error
+        raise UserError(f"checkpoint {path} cannot be read ({type(error).__name__}): it is truncated, corrupt "
+                        "or not a checkpoint of this project") from error
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"checkpoint {path} is not a checkpoint of this project "
                         "(train.py and ensemble.py write them)")
-    if kind is not None and ckpt["kind"] != kind:
-        raise UserError(f"checkpoint {path} is a {ckpt['kind']} checkpoint, expected a {kind} one")
+    if kind is not None and ckpt.get("kind") != kind:
+        raise UserError(f"checkpoint {path} is a {ckpt.get('kind')} checkpoint, expected a {kind} one")
     return ckpt
 
 
@@ -232,11 +262,13 @@ class StopSignal:
     """The first SIGINT/SIGTERM asks the loop to stop after the current step; a second exits at once."""
 
     def __init__(self):
-        self.signum = None
+        self.signum, self.pid = None, os.getpid()
         signal.signal(signal.SIGINT, self._handle)
         signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
+        if os.getpid() != self.pid:  # a forked DataLoader worker: the main process stops it
+            return
         if self.signum is not None:
             os._exit(128 + signum)
         self.signum = signum
@@ -251,24 +283,34 @@ class StopSignal:
 # ----------------------------------------------------------------------------
 # learning curves (train.py redraws them every epoch; report.py draws several runs)
 
-def plot_curves(history, path, title="", section_starts=()):
-    """Loss and accuracy against epoch for train and val; dashed lines mark unfreezing sections."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def draw_curves(ax_loss, ax_acc, history, section_starts=()):
+    """Loss and accuracy against epoch for train and val, each where the rows have it (an ensemble head's
+    rows have no train accuracy); dashed lines mark unfreezing sections."""
     epochs = [row["epoch"] for row in history]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
     for ax, key, label in ((ax_loss, "loss", "loss"), (ax_acc, "acc", "accuracy (%)")):
-        ax.plot(epochs, [row[f"train_{key}"] for row in history], "o-", ms=3, label="train")
-        ax.plot(epochs, [row[f"val_{key}"] for row in history], "o-", ms=3, label="val")
+        for split, colour in (("train", "C0"), ("val", "C1")):
+            if f"{split}_{key}" in history[0]:
+                ax.plot(epochs, [row[f"{split}_{key}"] for row in history], "o-", ms=3, color=colour, label=split)
         if key == "acc" and any(row.get("ema_val_acc") is not None for row in history):
-            ax.plot(epochs, [row.get("ema_val_acc") for row in history], "o--", ms=3, label="val (EMA)")
+            ax.plot(epochs, [row.get("ema_val_acc") for row in history], "o--", ms=3, color="C2", label="val (EMA)")
         for start in section_starts:
             ax.axvline(start - 0.5, color="grey", ls="--", lw=0.8)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        if len(epochs) == 1:  # else the axis spans +-0.05 around the one epoch, in fractional ticks
+            ax.set_xlim(epochs[0] - 1, epochs[0] + 1)
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend()
+
+
+def plot_curves(history, path, title="", section_starts=()):
+    """One run's learning curves (draw_curves) as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
+    draw_curves(ax_loss, ax_acc, history, section_starts)
     fig.suptitle(title)
     fig.tight_layout()
     atomic_savefig(fig, path)

@@ -61,6 +61,8 @@ def test_numeric_class_names_sort_as_numbers(tmp_path):
     (["1", "10", "2", "cat"], ["1", "10", "2", "cat"]),
     (["b", "a", "C"], ["C", "a", "b"]),
     (["-1", "3", "20"], ["-1", "3", "20"]),
+    (["10", "01", "1", "2"], ["01", "1", "2", "10"]),
+    (["1", "2", "\u00b2"], ["1", "2", "\u00b2"]),
 ])
 def test_class_order_is_lexicographic_unless_all_integers(tmp_path, names, expected):
     for name in names:
@@ -263,6 +265,10 @@ def test_image_unreadable_after_the_scan_is_replaced_with_its_own_label(tmp_path
         x, label = dataset[1]
     expected, _ = dataset[2]
     assert label == 2 and torch.equal(x, expected)
+    for path in paths[::2]:
+        path.unlink()
+    with pytest.warns(UserWarning), pytest.raises(UserError, match="none of the 3 images"):
+        dataset[0]
 
 
 def test_dataset_is_picklable_and_loads_in_spawned_workers(tmp_path):

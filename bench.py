@@ -1,0 +1,573 @@
+"""Speed of the project's input pipeline and training loop against a re-implementation of the course
+report's, in one run, on the same files and the same model. Prints one JSON object per line; every
+field named *ratio* is project / report (or real / synthetic), so higher is better.
+
+    python bench.py data   # train pipeline images/s: per core (one process) and with N DataLoader workers
+    python bench.py train  # training images/s: synthetic input (the compute ceiling) and real files
+    python bench.py gpu    # ResNeXt101_32x8d on a CUDA GPU, real files, projected time of the whole report
+
+Without --data-dir each command writes real-size JPEGs (500-1000 px a side) into a temporary folder;
+--data-dir DATA uses DATA/train/<class>/* instead. BENCHMARKS.md holds measured figures.
+"""
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import PIL
+import timm
+import torch
+import torch.nn.functional as F
+import torchvision
+from PIL import Image, ImageDraw, ImageFilter
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+import data
+import models
+import utils
+from utils import UserError
+
+REPORT_BATCH = 32
+REPORT_MEMBERS, REPORT_EPOCHS, REPORT_TRAIN_IMAGES = 3, 50, 20_700
+REPORT_VAL_IMAGES, REPORT_TEST_IMAGES, REPORT_ENSEMBLE_EPOCHS = 324, 2_344, 20
+
+
+def emit(row):
+    print(json.dumps(row), flush=True)
+
+
+# ----------------------------------------------------------------------------
+# the report's input path, re-implemented here so that it stays fixed whatever the project does:
+# torchvision ImageFolder's loader (open, full decode, convert) and its train chain at 224 px
+
+def report_loader(path):
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        return img.convert("RGB")
+
+
+def report_transform(img_size):
+    return v2.Compose([
+        v2.RandomResizedCrop(img_size),
+        v2.RandomHorizontalFlip(),
+        v2.RandomAffine(degrees=30),
+        v2.RandomPerspective(),
+        v2.ToImage(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD),
+    ])
+
+
+class ReportDataset(Dataset):
+    def __init__(self, paths, labels, img_size):
+        self.paths, self.labels, self.transform = [str(p) for p in paths], list(labels), report_transform(img_size)
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        return self.transform(report_loader(self.paths[index])), self.labels[index]
+
+
+# ----------------------------------------------------------------------------
+# files: generated photo-like JPEGs, or the user's train split
+
+def photo_like(rng):
+    """A JPEG-able image with what makes photos slow to decode: smooth shading, edges and sensor noise."""
+    width, height = int(rng.integers(500, 1001)), int(rng.integers(500, 1001))
+    img = Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).resize((width, height), Image.BICUBIC)
+    draw = ImageDraw.Draw(img)
+    for _ in range(12):
+        x, y, r = rng.integers(0, width), rng.integers(0, height), rng.integers(10, 200)
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+    noisy = np.asarray(img, dtype=np.float32) + rng.normal(0, 6, (height, width, 3))
+    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(0.7))
+
+
+def write_photo(job):
+    path, seed = job
+    photo_like(np.random.default_rng(seed)).save(path, "JPEG", quality=90)
+
+
+def make_jpegs(out_dir, count, classes=10, seed=0):
+    """count JPEGs in out_dir/train/<class>/, written by one process per core."""
+    jobs = []
+    for i in range(count):
+        folder = Path(out_dir) / "train" / str(i % classes)
+        folder.mkdir(parents=True, exist_ok=True)
+        jobs.append((folder / f"{i:06d}.jpg", seed * 1_000_003 + i))
+    with multiprocessing.Pool(data.default_workers()) as pool:
+        pool.map(write_photo, jobs, chunksize=8)
+    return Path(out_dir)
+
+
+def bench_files(args, tmp_dir):
+    """(paths, labels, description) of --data-dir's train split, or of --files generated JPEGs."""
+    if args.data_dir is not None:
+        paths, labels, _ = data.load_split(args.data_dir, "train")
+        source = str(args.data_dir)
+    else:
+        paths, labels, _ = data.load_split(make_jpegs(tmp_dir, args.files), "train")
+        source = "generated"
+    pixels = []
+    for path in paths[:64]:
+        with Image.open(path) as img:
+            pixels.append(img.width * img.height)
+    mean_bytes = float(np.mean([Path(p).stat().st_size for p in paths[:64]]))
+    return paths, labels, {"source": source, "files": len(paths), "mean_megapixels": round(np.mean(pixels) / 1e6, 3),
+                           "mean_kbytes": round(mean_bytes / 1024, 1)}
+
+
+def environment(device):
+    cpu = platform.processor() or platform.machine()
+    if Path("/proc/cpuinfo").is_file():
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    return {"bench": "env", "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "python": platform.python_version(),
+            "torch": torch.__version__, "torchvision": torchvision.__version__, "timm": timm.__version__,
+            "pillow": PIL.__version__, "cpu": cpu, "cores": len(os.sched_getaffinity(0))
+            if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+
+
+# ----------------------------------------------------------------------------
+# data: the train pipeline alone
+
+def draft_decode(path, img_size):
+    """The fused pipelines' decode alone: the crop drawn, the JPEG decoded at the scale it allows."""
+    with Image.open(path) as img:
+        data.draft_for_crop(img, data.sample_train_params(img.width, img.height, img_size), img_size)
+        img.load()
+
+
+def per_core(pipelines, paths, seconds):
+    """Images per CPU-second of each pipeline in this process (one thread), the pipelines taking turns
+    over the same files and seeds, so that a busy machine slows them alike."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    cpu, wall, done = dict.fromkeys(pipelines, 0.0), dict.fromkeys(pipelines, 0.0), dict.fromkeys(pipelines, 0)
+    chunk, start = 8, 0
+    while max(cpu.values()) < seconds:
+        batch = [(start + i) % len(paths) for i in range(chunk)]
+        for name, fn in pipelines.items():
+            cpu_start, wall_start = time.process_time(), time.perf_counter()
+            for index in batch:
+                # the same draws for both: under one seed the fused chain crops as the report's
+                torch.default_generator.manual_seed(index)
+                fn(paths[index])
+            cpu[name] += time.process_time() - cpu_start
+            wall[name] += time.perf_counter() - wall_start
+            done[name] += len(batch)
+        start += chunk
+    torch.set_num_threads(threads)
+    return {name: done[name] / cpu[name] for name in pipelines}, {name: done[name] / wall[name] for name in pipelines}
+
+
+def loader_rate(loader, seconds, set_epoch=None):
+    """Images/s a DataLoader delivers, from its first batch (worker start-up excluded) for `seconds`."""
+    count, start, epoch = 0, None, 0
+    while start is None or time.perf_counter() - start < seconds:
+        if set_epoch is not None:
+            set_epoch(epoch)
+        for _, labels in loader:
+            if start is None:
+                start = time.perf_counter()
+                continue
+            count += len(labels)
+            if time.perf_counter() - start >= seconds:
+                break
+        epoch += 1
+    return count / (time.perf_counter() - start)
+
+
+def run_data(args):
+    emit(environment(torch.device("cpu")))
+    with tempfile.TemporaryDirectory() as tmp:
+        paths, labels, files = bench_files(args, tmp)
+        if len(paths) < REPORT_BATCH:
+            raise UserError(f"{files['source']} has {len(paths)} train images; the bench needs {REPORT_BATCH} or more")
+        size = args.img_size
+        report_chain, fused = report_transform(size), data.train_transform(size, aug="fused")
+        fused_gpu = data.train_transform(size, aug="fused-gpu")
+        pipelines = {"decode_only": report_loader, "draft_decode_only": lambda p: draft_decode(p, size),
+                     "report": lambda p: report_chain(report_loader(p)), "fused": fused,
+                     "fused_gpu_worker": fused_gpu}
+        cpu_rates, wall_rates = per_core(pipelines, [str(p) for p in paths], args.seconds)
+        emit({"bench": "data", "mode": "one process, per CPU-second", "img_size": size, **files,
+              **{f"{k}_img_s": round(v, 1) for k, v in cpu_rates.items()},
+              "fused_over_report_ratio": round(cpu_rates["fused"] / cpu_rates["report"], 2),
+              "fused_gpu_worker_over_report_ratio": round(cpu_rates["fused_gpu_worker"] / cpu_rates["report"], 2),
+              # the most any pipeline that decodes as the fused ones do could reach: decoding and nothing else
+              "draft_decode_only_over_report_ratio": round(cpu_rates["draft_decode_only"] / cpu_rates["report"], 2),
+              "wall_fused_over_report_ratio": round(wall_rates["fused"] / wall_rates["report"], 2)})
+
+        workers = args.workers if args.workers > 0 else data.default_workers()
+        # epochs of 8 batches per worker or more, so that the workers rarely wait at an epoch's end
+        repeats = -(-8 * workers * REPORT_BATCH // len(paths))
+        paths, labels = paths * repeats, labels * repeats
+        rates = {}
+        for name, transform in (("report", None), ("fused", fused), ("fused_gpu_worker", fused_gpu)):
+            if transform is None:  # the same loader settings for both: only the pipeline differs
+                loader = DataLoader(ReportDataset(paths, labels, size), batch_size=REPORT_BATCH, shuffle=True,
+                                    num_workers=workers, persistent_workers=True, prefetch_factor=4)
+                rates[name] = loader_rate(loader, args.seconds)
+            else:
+                sampler = data.TrainBatchSampler(len(paths), REPORT_BATCH, seed=0)
+                loader = data.make_loader(data.ImageDataset(paths, labels, transform), device=torch.device("cpu"),
+                                          workers=workers, batch_sampler=sampler)
+                rates[name] = loader_rate(loader, args.seconds, sampler.set_epoch)
+            del loader
+        emit({"bench": "data", "mode": f"{workers} DataLoader workers", "img_size": size, "workers": workers,
+              **files, **{f"{k}_img_s": round(v, 1) for k, v in rates.items()},
+              **{f"{k}_img_s_per_worker": round(v / workers, 1) for k, v in rates.items()},
+              "fused_over_report_ratio": round(rates["fused"] / rates["report"], 2),
+              "fused_gpu_worker_over_report_ratio": round(rates["fused_gpu_worker"] / rates["report"], 2)})
+
+
+# ----------------------------------------------------------------------------
+# training steps: the project's (AMP, channels_last, no host sync per step) and the report's
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class ProjectStep:
+    """One optimizer step as the project trains: autocast at `precision`, channels_last on CUDA, the
+    loss kept on the device (no host sync per step). Batches of (uint8 images, maps) from the
+    fused-gpu pipeline are warped on the device first."""
+
+    def __init__(self, model, device, precision, img_size):
+        self.model, self.device, self.precision, self.img_size = model, device, precision, img_size
+        self.memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        self.loss_sum = torch.zeros((), device=device)
+
+    def __call__(self, images, labels):
+        if isinstance(images, (list, tuple)):
+            images = data.warp_batch(images[0].to(self.device, non_blocking=True),
+                                     images[1].to(self.device, non_blocking=True), self.img_size)
+        images = images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+        labels = labels.to(self.device, non_blocking=True)
+        with utils.autocast(self.device, self.precision):
+            loss = F.cross_entropy(self.model(images), labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.loss_sum += loss.detach()
+
+
+class ReportStep:
+    """The report's step: fp32, default memory format, loss and accuracy read back (.item()) every step."""
+
+    def __init__(self, model, device):
+        self.model, self.device = model, device
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        self.running_loss, self.correct = 0.0, 0
+
+    def __call__(self, images, labels):
+        images, labels = images.to(self.device), labels.to(self.device)
+        outputs = self.model(images)
+        loss = F.cross_entropy(outputs, labels)
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+        self.running_loss += loss.item() * images.size(0)
+        self.correct += (outputs.argmax(1) == labels).sum().item()
+
+
+def synthetic_batches(batch_size, img_size, num_classes, device):
+    images = torch.randn(batch_size, 3, img_size, img_size, device=device)
+    labels = torch.randint(0, num_classes, (batch_size,), device=device)
+    while True:
+        yield images, labels
+
+
+def loader_batches(loader, set_epoch=None):
+    epoch = 0
+    while True:
+        if set_epoch is not None:
+            set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def step_rate(step, batches, steps, warmup, device):
+    """Training images/s of `steps` steps after `warmup` ones (cudnn autotuning, compilation, workers)."""
+    batches = iter(batches)
+    for _ in range(warmup):
+        step(*next(batches))
+    sync(device)
+    count, start = 0, time.perf_counter()
+    for _ in range(steps):
+        images, labels = next(batches)
+        step(images, labels)
+        count += len(labels)
+    sync(device)
+    return count / (time.perf_counter() - start)
+
+
+def interleaved_rates(runs, steps, warmup, device):
+    """Training images/s of several (step, batches) runs taking turns step by step, so that a busy
+    machine slows them alike; for in-memory batches only (a loader's workers would work ahead)."""
+    runs = {name: (step, iter(batches)) for name, (step, batches) in runs.items()}
+    for step, batches in runs.values():
+        for _ in range(warmup):
+            step(*next(batches))
+    seconds, count = dict.fromkeys(runs, 0.0), dict.fromkeys(runs, 0)
+    for _ in range(steps):
+        for name, (step, batches) in runs.items():
+            images, labels = next(batches)
+            sync(device)
+            start = time.perf_counter()
+            step(images, labels)
+            sync(device)
+            seconds[name] += time.perf_counter() - start
+            count[name] += len(labels)
+    return {name: count[name] / seconds[name] for name in runs}
+
+
+def project_loader(paths, labels, img_size, device, workers, batch_size, aug):
+    sampler = data.TrainBatchSampler(len(paths), batch_size, seed=0)
+    dataset = data.ImageDataset(paths, labels, data.train_transform(img_size, aug=aug))
+    return data.make_loader(dataset, device=device, workers=workers, batch_sampler=sampler), sampler
+
+
+def report_loader_batches(paths, labels, img_size):
+    """The report's DataLoader: shuffled batches of 32, decoded in the training process."""
+    return loader_batches(DataLoader(ReportDataset(paths, labels, img_size), batch_size=REPORT_BATCH, shuffle=True,
+                                     num_workers=0))
+
+
+def set_cuda_flags(device):
+    if device.type == "cuda":  # as train.py
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def run_train(args):
+    device = utils.resolve_device(args.device)
+    set_cuda_flags(device)
+    precision = utils.resolve_precision("auto", device)
+    emit(environment(device))
+    with tempfile.TemporaryDirectory() as tmp:
+        paths, labels, files = bench_files(args, tmp)
+        if len(paths) < args.batch_size:
+            raise UserError(f"{files['source']} has {len(paths)} train images, fewer than --batch-size "
+                            f"{args.batch_size}; add files or lower --batch-size")
+        num_classes = max(labels) + 1
+        model = models.build_model("resnext", args.arch, num_classes, weights="none").to(device)
+        initial = {k: v.clone() for k, v in model.state_dict().items()}
+        workers = args.workers if args.workers > 0 else data.default_workers()
+        common = {"arch": args.arch, "img_size": args.img_size, "batch_size": args.batch_size, "steps": args.steps,
+                  "device": str(device), "precision": precision, **files}
+
+        def fresh_step(kind):
+            copy = models.build_model("resnext", args.arch, num_classes, weights="none").to(device)
+            copy.load_state_dict(initial)
+            if kind == "project":
+                copy.to(memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)
+                return ProjectStep(copy.train(), device, precision, args.img_size)
+            return ReportStep(copy.train(), device)
+
+        synthetic = interleaved_rates(
+            {kind: (fresh_step(kind), synthetic_batches(args.batch_size, args.img_size, num_classes, device))
+             for kind in ("report", "project")}, args.steps, args.warmup, device)
+        aug = "fused-gpu" if device.type == "cuda" else "fused"
+        loader, sampler = project_loader(paths, labels, args.img_size, device, workers, args.batch_size, aug)
+        real = {"report": step_rate(fresh_step("report"), report_loader_batches(paths, labels, args.img_size),
+                                    args.steps, args.warmup, device),
+                "project": step_rate(fresh_step("project"), loader_batches(loader, sampler.set_epoch),
+                                     args.steps, args.warmup, device)}
+        emit({"bench": "train", **common, "workers": workers,
+              "synthetic_report_img_s": round(synthetic["report"], 2),
+              "synthetic_project_img_s": round(synthetic["project"], 2),
+              "real_report_img_s": round(real["report"], 2), "real_project_img_s": round(real["project"], 2),
+              "synthetic_project_over_report_ratio": round(synthetic["project"] / synthetic["report"], 2),
+              "real_project_over_report_ratio": round(real["project"] / real["report"], 2),
+              "report_real_over_synthetic_ratio": round(real["report"] / synthetic["report"], 2),
+              "project_real_over_synthetic_ratio": round(real["project"] / synthetic["project"], 2)})
+
+
+# ----------------------------------------------------------------------------
+# gpu: ResNeXt101_32x8d at 224 on one CUDA GPU, and the projected time of the whole report
+
+def eval_rate(model, device, precision, batch_size, img_size, steps):
+    """Inference images/s (no grad, autocast, channels_last): ensemble and predict run the members so."""
+    model.eval()
+    images = torch.randn(batch_size, 3, img_size, img_size, device=device).contiguous(
+        memory_format=torch.channels_last)
+    with torch.no_grad(), utils.autocast(device, precision):
+        for _ in range(3):
+            model(images)
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            model(images)
+        sync(device)
+    model.train()
+    return steps * batch_size / (time.perf_counter() - start)
+
+
+def run_gpu(args):
+    if not torch.cuda.is_available():
+        raise UserError("bench.py gpu needs a CUDA GPU and none is visible (torch.cuda.is_available() is False); "
+                        "run bench.py data or bench.py train here")
+    measure_gpu(args, torch.device("cuda"))
+
+
+def measure_gpu(args, device):
+    started = time.perf_counter()
+    set_cuda_flags(device)
+    precision = utils.resolve_precision("auto", device)
+    emit(environment(device))
+    with tempfile.TemporaryDirectory() as tmp:
+        paths, labels, files = bench_files(args, tmp)
+        if len(paths) < args.batch_size:
+            raise UserError(f"{files['source']} has {len(paths)} train images, fewer than --batch-size "
+                            f"{args.batch_size}")
+        num_classes = max(labels) + 1
+        model = models.build_model("resnext", args.arch, num_classes, weights="none").to(device)
+        initial = {k: v.clone() for k, v in model.state_dict().items()}
+        workers = args.workers if args.workers > 0 else data.default_workers()
+        common = {"arch": args.arch, "img_size": args.img_size, "batch_size": args.batch_size,
+                  "precision": precision, "workers": workers, **files}
+
+        def fresh(memory_format):
+            model.load_state_dict(initial)
+            return model.to(memory_format=memory_format).train()
+
+        row = {"bench": "gpu", **common}
+        project = ProjectStep(fresh(torch.channels_last), device, precision, args.img_size)
+        synthetic = synthetic_batches(args.batch_size, args.img_size, num_classes, device)
+        row["synthetic_project_img_s"] = step_rate(project, synthetic, args.steps, args.warmup, device)
+        report = ReportStep(fresh(torch.contiguous_format), device)
+        synthetic = synthetic_batches(REPORT_BATCH, args.img_size, num_classes, device)
+        row["synthetic_report_img_s"] = step_rate(report, synthetic, args.steps, args.warmup, device)
+
+        loader, sampler = project_loader(paths, labels, args.img_size, device, workers, args.batch_size,
+                                         "fused-gpu")
+        steps_per_epoch = sampler.steps_per_epoch
+        loader_steps = max(args.epochs * steps_per_epoch - args.warmup, 1)
+
+        def warp_only(images, _labels):  # the loader and the GPU warp, without the model
+            data.warp_batch(images[0].to(device, non_blocking=True), images[1].to(device, non_blocking=True),
+                            args.img_size)
+        row["loader_img_s"] = step_rate(warp_only, loader_batches(loader, sampler.set_epoch), loader_steps,
+                                        args.warmup, device)
+        project = ProjectStep(fresh(torch.channels_last), device, precision, args.img_size)
+        row["real_project_img_s"] = step_rate(project, loader_batches(loader, sampler.set_epoch), loader_steps,
+                                              args.warmup, device)
+        del loader
+        report = ReportStep(fresh(torch.contiguous_format), device)
+        row["real_report_img_s"] = step_rate(report, report_loader_batches(paths, labels, args.img_size),
+                                             args.report_steps, 2, device)
+        row["eval_project_img_s"] = eval_rate(model, device, precision, 4 * args.batch_size, args.img_size,
+                                              args.steps)
+        row["real_over_synthetic_ratio"] = row["real_project_img_s"] / row["synthetic_project_img_s"]
+        row["synthetic_project_over_report_ratio"] = row["synthetic_project_img_s"] / row["synthetic_report_img_s"]
+        row["real_project_over_report_ratio"] = row["real_project_img_s"] / row["real_report_img_s"]
+
+        # compilation takes minutes: only when it fits in --time-limit
+        compiled = None
+        if args.compile and time.perf_counter() - started < args.time_limit - args.compile_allowance:
+            try:
+                project = ProjectStep(fresh(torch.channels_last), device, precision, args.img_size)
+                project.model = torch.compile(model)
+                compiled = step_rate(project, synthetic_batches(args.batch_size, args.img_size, num_classes, device),
+                                     args.steps, args.warmup, device)
+                row["synthetic_compiled_img_s"] = compiled
+                row["compiled_over_eager_ratio"] = compiled / row["synthetic_project_img_s"]
+            except Exception as error:  # inductor needs a compiler toolchain: report, do not abort the run
+                row["compile_error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+        else:
+            row["compile_skipped"] = "--no-compile" if not args.compile else "not enough of --time-limit left"
+        emit({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()})
+
+        # the report's full run: 3 members x 50 epochs (train, then val), the stacking head's 20 epochs
+        # over the 3 members' outputs, then 3 members over the test set
+        train_s = REPORT_MEMBERS * REPORT_EPOCHS * REPORT_TRAIN_IMAGES / row["real_project_img_s"]
+        val_s = REPORT_MEMBERS * REPORT_EPOCHS * REPORT_VAL_IMAGES / row["eval_project_img_s"]
+        ensemble_s = REPORT_ENSEMBLE_EPOCHS * REPORT_MEMBERS * REPORT_TRAIN_IMAGES / row["eval_project_img_s"]
+        predict_s = REPORT_MEMBERS * REPORT_TEST_IMAGES / row["eval_project_img_s"]
+        total_s = train_s + val_s + ensemble_s + predict_s
+        projection = {"bench": "gpu-projection", "arch": args.arch,
+                      "assumes": "3 members x 50 epochs x 20,700 train images at real_project_img_s (ResNeXt "
+                                 "speed for all three members); val, ensemble (20 epochs of 3 member forwards, "
+                                 "no cached outputs) and predict at eval_project_img_s",
+                      "train_hours": train_s / 3600,
+                      "val_ensemble_predict_hours": (val_s + ensemble_s + predict_s) / 3600,
+                      "total_hours": total_s / 3600,
+                      "report_train_hours": REPORT_MEMBERS * REPORT_EPOCHS * REPORT_TRAIN_IMAGES
+                      / row["real_report_img_s"] / 3600}
+        if compiled is not None:
+            # compiled training runs at the slower of the compiled model and the loader
+            projection["train_hours_compiled"] = (REPORT_MEMBERS * REPORT_EPOCHS * REPORT_TRAIN_IMAGES
+                                                  / min(compiled, row["loader_img_s"]) / 3600)
+        projection["report_over_project_train_time_ratio"] = (projection["report_train_hours"]
+                                                              / projection["train_hours"])
+        emit({k: round(v, 3) if isinstance(v, float) else v for k, v in projection.items()})
+
+
+# ----------------------------------------------------------------------------
+
+def get_args_parser():
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name, help_text, files, img_size=224):
+        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=fmt)
+        p.add_argument("--data-dir", type=Path, help="use DATA/train/<class>/* instead of generated JPEGs")
+        p.add_argument("--files", type=int, default=files, help="how many JPEGs to generate without --data-dir")
+        p.add_argument("--img-size", type=int, default=img_size, help="output (train) image size")
+        p.add_argument("--workers", type=int, default=-1, help="DataLoader workers (-1: from CPUs, as train.py)")
+        return p
+
+    p = add("data", "train pipeline images/s: the report's chain against the fused one", files=64)
+    p.add_argument("--seconds", type=float, default=4.0, help="measuring time of each pipeline and mode")
+
+    p = add("train", "training images/s at equal model, size and batch: synthetic input and real files",
+            files=96)
+    p.add_argument("--arch", default="resnet10t", help="timm ResNet-family network (random init)")
+    p.add_argument("--batch-size", type=int, default=REPORT_BATCH, help="batch size of both loops")
+    p.add_argument("--steps", type=int, default=4, help="measured steps of each loop")
+    p.add_argument("--warmup", type=int, default=1, help="unmeasured steps before them")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="device")
+
+    p = add("gpu", "ResNeXt101_32x8d on a CUDA GPU: synthetic and real-file training images/s, projected "
+            "time of the report's full run", files=2048)
+    p.add_argument("--arch", default=models.DEFAULT_ARCH, help="timm ResNet-family network (random init)")
+    p.add_argument("--batch-size", type=int, default=REPORT_BATCH, help="batch size of the project's loop")
+    p.add_argument("--steps", type=int, default=30, help="measured steps on synthetic input")
+    p.add_argument("--warmup", type=int, default=5, help="unmeasured steps before each measurement")
+    p.add_argument("--epochs", type=int, default=3, help="passes over the files for the real-file rate")
+    p.add_argument("--report-steps", type=int, default=20, help="measured steps of the report's real-file loop "
+                   "(it decodes in the training process: slow)")
+    p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile rate")
+    p.add_argument("--time-limit", type=float, default=540, help="seconds; compilation is skipped when it "
+                   "would not fit")
+    p.add_argument("--compile-allowance", type=float, default=240, help="seconds kept free for compilation")
+    return parser
+
+
+def main():
+    args = get_args_parser().parse_args()
+    if args.data_dir is None and args.files < REPORT_BATCH:
+        raise UserError(f"--files {args.files}: generate at least {REPORT_BATCH} (one batch)")
+    {"data": run_data, "train": run_train, "gpu": run_gpu}[args.command](args)
+
+
+if __name__ == "__main__":
+    utils.run_main(main)

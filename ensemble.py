@@ -1,0 +1,330 @@
+"""Stack trained members into the report's ensemble: a linear head on their concatenated logits.
+
+    python ensemble.py [--members A.pt B.pt ...] [--data-dir data] [--out-dir runs/ensemble]
+
+The members are frozen, so their logits never change: each member runs once, in eval mode, over val and
+over --views augmented views of train (train.py's augmentation, seeded per image), and the head
+Linear(M x C -> C) trains on those stored logits (Adam, cosine schedule, on the CPU: it is small). The
+head starts as the plain average of the members' logits, and weight decay pulls it back towards that
+average rather than towards zero. Writes ensemble.pt (self-contained: the members' weights and specs and
+the head), metrics.json and logits_cache.pt to --out-dir.
+
+The logits cache is reused, member by member, while a member file's content (SHA-256) is unchanged and
+the data's file list (relative paths, labels, sizes and modification times), --views, --seed,
+--precision and the members' image size and normalisation are the same; anything else recomputes it.
+"""
+import argparse
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+import data
+import models
+import utils
+from utils import UserError
+
+DEFAULT_MEMBERS = [f"runs/{name}/best.pt" for name in models.MODEL_NAMES]
+CACHE_VERSION = 1
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--members", type=Path, nargs="+", metavar="PATH", default=DEFAULT_MEMBERS,
+                        help="member checkpoints (train.py's best.pt), two or more; they must share class names, "
+                        "image size and normalisation")
+    parser.add_argument("--data-dir", type=Path, default=Path("data"), help="folder with train/ and val/")
+    parser.add_argument("--out-dir", type=Path, default=Path("runs/ensemble"),
+                        help="writes ensemble.pt, metrics.json and logits_cache.pt here")
+    parser.add_argument("--views", type=int, default=2, help="augmented views of each train image whose member "
+                        "logits train the head (each view costs one pass of every member over train)")
+    parser.add_argument("--epochs", type=int, default=20, help="head epochs over the stored logits "
+                        "(0: keep the plain logit average)")
+    parser.add_argument("--lr", type=float, default=1e-2, help="head Adam peak learning rate (cosine to 0)")
+    parser.add_argument("--weight-decay", type=float, default=1.0, help="head weight decay, decoupled, towards "
+                        "the plain logit average the head starts from")
+    parser.add_argument("--head-batch-size", type=int, default=64, help="head mini-batch (rows of logits)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per batch for the member forward passes")
+    parser.add_argument("--workers", type=int, default=-1, help="DataLoader workers (-1: from CPUs)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="device")
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                        help="member forward passes; auto: bf16 on GPUs that have it, else fp16; fp32 on CPU")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (train views, head batch order)")
+    return parser
+
+
+def check_args(args):
+    if len(args.members) < 2:
+        raise UserError(f"--members lists {len(args.members)} checkpoint; an ensemble needs two or more")
+    for flag, value, low in (("--views", args.views, 1), ("--epochs", args.epochs, 0),
+                             ("--head-batch-size", args.head_batch_size, 1), ("--batch-size", args.batch_size, 1)):
+        if value < low:
+            raise UserError(f"{flag} {value} must be at least {low}")
+    if not args.lr > 0 or args.weight_decay < 0:
+        raise UserError(f"--lr {args.lr} must be positive and --weight-decay {args.weight_decay} not negative")
+
+
+# ----------------------------------------------------------------------------
+# members and fingerprints
+
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_members_exist(paths, defaults):
+    for path in paths:
+        if not path.is_file():
+            hint = (f"train it first (python train.py --model {path.parent.name}) or name the members with --members"
+                    if defaults else "check the path")
+            raise UserError(f"member checkpoint {path} does not exist; {hint}")
+
+
+def load_members(paths):
+    """Each member's spec, chosen weights, source path and content hash; they must agree on the task."""
+    members = []
+    for path in paths:
+        ckpt = utils.load_checkpoint(path, kind="member")
+        members.append(dict(models.spec_from_checkpoint(ckpt), state_dict=models.chosen_weights(ckpt),
+                            weights=ckpt.get("weights", "raw"), source=str(path), sha256=file_sha256(path)))
+    first = members[0]
+    for member in members[1:]:
+        if member["sha256"] == first["sha256"]:
+            raise UserError(f"members {first['source']} and {member['source']} are the same weights; "
+                            "list each member once")
+        for key, value in utils.model_meta(first).items():
+            if member[key] == value:
+                continue
+            if key == "class_names":
+                what = f"class names ({len(value)} vs {len(member[key])} classes, or another order)"
+            elif key == "img_size":
+                what = f"image size ({value} vs {member[key]} px)"
+            else:
+                what = f"normalisation {key} ({value} vs {member[key]})"
+            raise UserError(f"members {first['source']} and {member['source']} differ in {what}; "
+                            "ensemble only members trained on the same classes at the same --img-size")
+    return members
+
+
+def data_fingerprint(data_dir, splits):
+    """SHA-256 of each image's path relative to data_dir, label, size and modification time (not contents)."""
+    rows = []
+    for split, (paths, labels) in splits.items():
+        for path, label in zip(paths, labels):
+            stat = Path(path).stat()
+            rows.append((split, Path(path).relative_to(data_dir).as_posix(), label, stat.st_size, stat.st_mtime_ns))
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------------
+# the members' logits, computed once
+
+def read_cache(path, settings):
+    """The cached logits per member hash, or {} when absent, unreadable or made with other settings."""
+    if not path.is_file():
+        print(f"logits cache: none yet at {path}")
+        return {}
+    try:
+        cache = utils.load_checkpoint(path, kind="logits")
+    except UserError as error:
+        print(f"logits cache: ignored ({error})")
+        return {}
+    if cache["settings"] != settings:
+        print("logits cache: the data, --views, --seed, --precision or the image settings changed; recomputing")
+        return {}
+    return cache["members"]
+
+
+def view_batches(num_images, views, batch_size, seed):
+    """(index, seed) items, in order, view after view. Views use negative epochs in data.sample_seed, so no
+    view repeats an augmentation that train.py (epochs 1, 2, ...) showed the members with the same seed."""
+    items = [(i, data.sample_seed(seed, -1 - view, i)) for view in range(views) for i in range(num_images)]
+    return [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+
+
+def compute_logits(members, loader, device, precision, memory_format, desc):
+    """Every member's logits over the loader, in order: ([(N, C)] * M float32 on the CPU, (N,) labels)."""
+    outputs, labels = [[] for _ in members], []
+    with torch.inference_mode():
+        for images, targets in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
+            images = images.to(device, non_blocking=True, memory_format=memory_format)
+            with utils.autocast(device, precision):
+                for output, model in zip(outputs, members):
+                    output.append(model(images).float())
+            labels.append(targets)
+    return [torch.cat(o).cpu() for o in outputs], torch.cat(labels)
+
+
+def member_logits(todo, train_set, val_set, *, views, batch_size, seed, device, precision, workers):
+    """Run the members in `todo` once, in eval mode, over val and over the train views (view after view);
+    returns {sha256: {"train": (views * N, C), "val": (V, C), "train_labels", "val_labels"}}."""
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    modules = [models.member_from_spec(m, m["state_dict"]).eval().to(device, memory_format=memory_format)
+               for m in todo]
+    val_loader = data.make_loader(val_set, device=device, workers=workers, batch_size=batch_size)
+    val, val_labels = compute_logits(modules, val_loader, device, precision, memory_format, "val logits")
+    train_loader = data.make_loader(train_set, device=device, workers=workers,
+                                    batch_sampler=view_batches(len(train_set), views, batch_size, seed))
+    train, train_labels = compute_logits(modules, train_loader, device, precision, memory_format,
+                                         f"train logits ({views} views)")
+    # labels come from the loader: an image unreadable since the scan is replaced by another, with its label
+    return {m["sha256"]: {"train": t, "val": v, "train_labels": train_labels, "val_labels": val_labels}
+            for m, t, v in zip(todo, train, val)}
+
+
+# ----------------------------------------------------------------------------
+# the head
+
+def averaging_head(num_members, num_classes):
+    """Linear(M*C -> C) equal to the plain average of the members' logits: identity blocks / M, bias 0."""
+    head = nn.Linear(num_members * num_classes, num_classes)
+    with torch.no_grad():
+        head.weight.copy_(torch.eye(num_classes).repeat(1, num_members) / num_members)
+        head.bias.zero_()
+    return head
+
+
+def accuracy(logits, labels):
+    return 100 * (logits.argmax(1) == labels).double().mean().item()
+
+
+def train_head(head, train_x, train_y, val_x, val_y, *, epochs, lr, weight_decay, batch_size, seed):
+    """Adam on shuffled mini-batches of stored logits, cosine schedule per step; returns per-epoch rows.
+    train_x: (views, N, M*C), train_y: (views, N). An epoch is one pass over the N train images, as in the
+    report, each image in one of its views drawn at random (the views stand in for fresh augmentations).
+    Weight decay is decoupled (as in AdamW) but pulls towards the head's start, the plain logit average,
+    rather than towards zero: the head leaves the average only as far as the train logits support it."""
+    views, num_images = train_y.shape
+    start = [p.detach().clone() for p in head.parameters()]
+    optimizer = torch.optim.Adam(head.parameters(), lr=lr)
+    steps_per_epoch = math.ceil(num_images / batch_size)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: (1 + math.cos(math.pi * step / max(1, epochs * steps_per_epoch))) / 2)
+    generator = torch.Generator().manual_seed(seed)
+    history = []
+    for epoch in range(1, epochs + 1):
+        order = torch.randperm(num_images, generator=generator)
+        view = torch.randint(views, (num_images,), generator=generator)
+        loss_sum = 0.0
+        for batch in torch.arange(num_images).split(batch_size):
+            x, y = train_x[view[batch], order[batch]], train_y[view[batch], order[batch]]
+            loss = F.cross_entropy(head(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            with torch.no_grad():
+                for param, param_start in zip(head.parameters(), start):
+                    param.sub_(param - param_start, alpha=schedule.get_last_lr()[0] * weight_decay)
+            optimizer.step()
+            schedule.step()
+            loss_sum += loss.item() * len(batch)
+        with torch.no_grad():
+            val_logits = head(val_x)
+        history.append({"epoch": epoch, "train_loss": loss_sum / num_images,
+                        "val_loss": F.cross_entropy(val_logits, val_y).item(), "val_acc": accuracy(val_logits, val_y)})
+    return history
+
+
+# ----------------------------------------------------------------------------
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    start = time.perf_counter()
+    utils.refuse_distributed("ensemble.py")
+    check_args(args)
+    device = utils.resolve_device(args.device)
+    precision = utils.resolve_precision(args.precision, device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    workers = data.default_workers() if args.workers < 0 else args.workers
+    member_paths = [Path(path) for path in args.members]  # argparse leaves a list default as strings
+    check_members_exist(member_paths, defaults=args.members == DEFAULT_MEMBERS)
+    utils.check_writable(args.out_dir)
+    cache_path = args.out_dir / "logits_cache.pt"
+
+    # ----------------------------------------------------------------- members and data
+    members = load_members(member_paths)
+    meta = utils.model_meta(members[0])
+    class_names, num_classes = meta["class_names"], len(meta["class_names"])
+    train_paths, train_labels, found = data.load_split(args.data_dir, "train")
+    if found != class_names:
+        raise UserError(f"{args.data_dir / 'train'} has other classes than the members ({len(found)} vs "
+                        f"{num_classes}, or another order); point --data-dir at the data they were trained on")
+    val_paths, val_labels, _ = data.load_split(args.data_dir, "val", class_names)
+    norm = {"mean": meta["mean"], "std": meta["std"]}
+    train_set = data.ImageDataset(train_paths, train_labels, data.train_transform(meta["img_size"], **norm))
+    val_set = data.ImageDataset(val_paths, val_labels, data.eval_transform(meta["img_size"], **norm))
+    print(f"{len(members)} members, {num_classes} classes, {len(train_set)} train images x {args.views} views, "
+          f"{len(val_set)} val images; {device} [{precision}]")
+
+    # ------------------------------------------------------------------ logits (cached)
+    settings = {"version": CACHE_VERSION, "views": args.views, "seed": args.seed, "precision": precision,
+                "data": data_fingerprint(args.data_dir, {"train": (train_paths, train_labels),
+                                                         "val": (val_paths, val_labels)}), **meta}
+    cached = read_cache(cache_path, settings)
+    todo = [m for m in members if m["sha256"] not in cached]
+    if todo:
+        print(f"logits cache: reused for {len(members) - len(todo)} of {len(members)} members; computing the "
+              f"logits of {', '.join(m['source'] for m in todo)}")
+        cached.update(member_logits(todo, train_set, val_set, views=args.views, batch_size=args.batch_size,
+                                    seed=args.seed, device=device, precision=precision, workers=workers))
+        utils.atomic_save_torch({"format": utils.CHECKPOINT_FORMAT, "kind": "logits", "settings": settings,
+                                 "members": {m["sha256"]: cached[m["sha256"]] for m in members}}, cache_path)
+    else:
+        print(f"logits cache: reused for all {len(members)} members ({cache_path})")
+    logits_seconds = time.perf_counter() - start
+    logits = [cached[m["sha256"]] for m in members]
+    train_x = torch.cat([entry["train"] for entry in logits], dim=1).view(args.views, len(train_set), -1)
+    val_x = torch.cat([entry["val"] for entry in logits], dim=1)  # (V, M * C)
+    train_y = logits[0]["train_labels"].view(args.views, len(train_set))
+    val_y = logits[0]["val_labels"]
+
+    # ---------------------------------------------------------------------- head
+    head = averaging_head(len(members), num_classes)
+    history = train_head(head, train_x, train_y, val_x, val_y, epochs=args.epochs, lr=args.lr,
+                         weight_decay=args.weight_decay, batch_size=args.head_batch_size, seed=args.seed)
+    with torch.no_grad():
+        head_acc = accuracy(head(val_x), val_y)
+    member_val = torch.stack([entry["val"] for entry in logits])  # (M, V, C)
+    metrics = {
+        "members": [{"path": m["source"], "model": m["model"], "arch": m["arch"], "weights": m["weights"],
+                     "val_acc": accuracy(v, val_y)} for m, v in zip(members, member_val)],
+        "logit_average_val_acc": accuracy(member_val.mean(0), val_y),
+        "softmax_average_val_acc": accuracy(member_val.softmax(-1).mean(0), val_y),
+        "head_val_acc": head_acc, "views": args.views, "epochs": args.epochs, "lr": args.lr,
+        "weight_decay": args.weight_decay, "seed": args.seed, "precision": precision, "device": str(device),
+        "train_images": len(train_set), "val_images": len(val_set),
+        "cache": {"reused": len(members) - len(todo), "computed": len(todo)},
+        "seconds": {"logits": logits_seconds, "head": time.perf_counter() - start - logits_seconds},
+        "history": history,
+    }
+
+    # ---------------------------------------------------------------------- save
+    metrics["seconds"]["total"] = time.perf_counter() - start
+    ckpt = {"format": utils.CHECKPOINT_FORMAT, "kind": "ensemble", **meta, "members": members,
+            "head_state_dict": head.state_dict(), "metrics": metrics}
+    utils.atomic_save_torch(ckpt, args.out_dir / "ensemble.pt")
+    utils.atomic_write_json(args.out_dir / "metrics.json", metrics)
+
+    width = max(len(m["source"]) for m in members) + 16
+    print(f"\n{'model':<{width}} val acc (%)")
+    for m, row in zip(members, metrics["members"]):
+        print(f"{m['model'] + ' (' + m['source'] + ')':<{width}} {row['val_acc']:11.2f}")
+    print(f"{'logit average':<{width}} {metrics['logit_average_val_acc']:11.2f}")
+    print(f"{'softmax average':<{width}} {metrics['softmax_average_val_acc']:11.2f}")
+    head_name = f"stacking head ({args.epochs} epoch{'s' if args.epochs != 1 else ''})"
+    print(f"{head_name:<{width}} {head_acc:11.2f}")
+    print(f"\nsaved {args.out_dir / 'ensemble.pt'} and metrics.json ({metrics['seconds']['total']:.1f}s)")
+    return metrics
+
+
+if __name__ == "__main__":
+    utils.run_main(main)

@@ -1,0 +1,222 @@
+"""Predict the test images with a member or ensemble checkpoint and write the competition's submission.
+
+    python predict.py [--checkpoint runs/ensemble/ensemble.pt] [--data-dir data] [--tta hflip]
+
+Writes --out (prediction.csv: header image_name,pred_label, one row per image of the test folder sorted by
+name; image_name is the file name without its extension, pred_label the class folder name) and --zip
+(submission.zip, holding prediction.csv at its root). Beside --out it also writes, when asked:
+probabilities.csv (--topk K: image_name,top_k with "label:probability" pairs, most likely first) and
+logits.pt (--save-logits: a dict of image_names, class_names, logits (N, C) float32 in CSV order, tta and
+checkpoint; read it with torch.load(path, weights_only=True)).
+"""
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+import data
+import models
+import utils
+from utils import UserError
+
+DEFAULT_CHECKPOINT = Path("runs/ensemble/ensemble.pt")
+
+
+def get_args_parser():
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=fmt)
+    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
+                        help="ensemble.pt from ensemble.py, or a member's best.pt / last.pt from train.py")
+    parser.add_argument("--data-dir", type=Path, default=Path("data"), help="data folder; its test/ is predicted")
+    parser.add_argument("--test-dir", type=Path, help="flat folder of test images, instead of DATA_DIR/test")
+    parser.add_argument("--out", type=Path, default=Path("prediction.csv"), help="the CSV to write")
+    parser.add_argument("--zip", type=Path, default=Path("submission.zip"),
+                        help="the zip to upload (prediction.csv at its root)")
+    parser.add_argument("--tta", default="none", choices=tuple(TTA_VIEWS), help="test-time augmentation: "
+                        "hflip averages the logits of each image and of its mirror image (twice the compute)")
+    parser.add_argument("--topk", type=int, default=0, help="also write probabilities.csv beside --out with "
+                        "the K most likely labels and their probabilities (0: off)")
+    parser.add_argument("--save-logits", action="store_true", help="also write logits.pt beside --out")
+    parser.add_argument("--labels", type=Path, help="CSV image_name,label of the test images: print the accuracy")
+    parser.add_argument("--skip-bad", action="store_true", help="leave unreadable test images out of the CSV "
+                        "with a warning; without it they are an error, since a submission must be complete")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    parser.add_argument("--workers", type=int, default=-1, help="DataLoader workers decoding images "
+                        "(-1: from CPUs)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="device")
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                        help="auto: bf16 on GPUs that have it, else fp16 on GPU; fp32 on CPU (bf16 there is "
+                        "about 2x faster on CPUs with AMX / AVX512-BF16)")
+    parser.add_argument("--channels-last", default="on", choices=("on", "off"),
+                        help="channels_last memory format (faster convolutions on CUDA and on CPU)")
+    return parser
+
+
+# ----------------------------------------------------------------------------
+# test-time augmentation: views of a normalised batch, made on the device (no second decode)
+
+def identity(x):
+    return x
+
+
+def hflip(x):
+    return x.flip(-1)
+
+
+TTA_VIEWS = {"none": (identity,), "hflip": (identity, hflip)}
+
+
+# ----------------------------------------------------------------------------
+# inference
+
+def predict_logits(model, paths, *, img_size, mean, std, device, precision="fp32", channels_last=False,
+                   batch_size=64, workers=0, tta="none", progress=True):
+    """Logits (N, C) float32 on the CPU of the images `paths`, in their order, averaged over the TTA
+    views, with the checkpoint's own eval pipeline (data.eval_transform). Moves `model` to `device`."""
+    # the labels are the indices: ImageDataset replaces an image that fails to read by the next one,
+    # which would shift every later prediction, so each batch is checked to be the images asked for
+    dataset = data.ImageDataset(paths, range(len(paths)), data.eval_transform(img_size, mean=mean, std=std))
+    loader = data.make_loader(dataset, device=device, workers=workers, batch_size=batch_size)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model.to(device, memory_format=memory_format).eval()
+    views = TTA_VIEWS[tta]
+    chunks, done = [], 0
+    with torch.inference_mode(), tqdm(total=len(paths), desc="predict", unit="img", disable=None if progress else True,
+                                      dynamic_ncols=True) as bar:
+        for images, indices in loader:
+            expected = torch.arange(done, done + len(indices))
+            if not torch.equal(indices, expected):
+                lost = paths[int(expected[indices != expected][0])]
+                raise UserError(f"test image {lost} could not be read any more (it was readable when scanned); "
+                                "check the file and run again")
+            images = images.to(device, non_blocking=True, memory_format=memory_format)
+            with utils.autocast(device, precision):
+                logits = torch.stack([model(view(images)).float() for view in views]).mean(0)  # (B, C)
+            chunks.append(logits.cpu())
+            done += len(indices)
+            bar.update(len(indices))
+    return torch.cat(chunks)
+
+
+def labels_of(logits, class_names):
+    """The class folder name of each row's largest logit."""
+    return [class_names[i] for i in logits.argmax(1).tolist()]
+
+
+def topk_strings(logits, class_names, k):
+    """'label:p label:p ...' per row, most likely first; probabilities rounded down so each row sums to <= 1."""
+    probs, indices = logits.softmax(1).topk(k, dim=1)
+    return [" ".join(f"{class_names[i]}:{math.floor(p * 1e4) / 1e4:.4f}" for p, i in zip(row_p, row_i))
+            for row_p, row_i in zip(probs.tolist(), indices.tolist())]
+
+
+# ----------------------------------------------------------------------------
+# checks
+
+def read_labels(path, stems, class_names):
+    """The true label of each test image (by stem) from a CSV image_name,label; one-line errors otherwise."""
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    except FileNotFoundError as error:
+        raise UserError(f"--labels {path} does not exist") from error
+    except OSError as error:
+        raise UserError(f"--labels {path} cannot be read ({error.strerror or error})") from error
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+        raise UserError(f"--labels {path} is not a CSV file ({type(error).__name__})") from error
+    if not {"image_name", "label"} <= set(frame.columns):
+        raise UserError(f"--labels {path} needs the columns image_name,label (it has {','.join(frame.columns)})")
+    duplicated = frame["image_name"][frame["image_name"].duplicated()]
+    if len(duplicated):
+        raise UserError(f"--labels {path} lists image '{duplicated.iloc[0]}' more than once")
+    unknown = frame[~frame["label"].isin(class_names)]
+    if len(unknown):
+        raise UserError(f"--labels {path} has {len(unknown)} label(s) that are not classes of the checkpoint "
+                        f"(e.g. '{unknown['label'].iloc[0]}' for image '{unknown['image_name'].iloc[0]}')")
+    truth = dict(zip(frame["image_name"], frame["label"]))
+    missing = [stem for stem in stems if stem not in truth]
+    if missing:
+        raise UserError(f"--labels {path} has no label for {len(missing)} of the {len(stems)} test images "
+                        f"(e.g. '{missing[0]}'); give a label for every image")
+    return [truth[stem] for stem in stems]
+
+
+def check_submission(frame, stems, class_names):
+    """Every test image exactly once, in order, and only labels that are class names; else nothing is written."""
+    names = frame["image_name"].tolist()
+    if names != list(stems):
+        missing = sorted(set(stems) - set(names))
+        extra = sorted(set(names) - set(stems))
+        raise RuntimeError(f"the submission does not list each test image once (missing {missing[:3]}, "
+                           f"extra {extra[:3]}, {len(names)} rows for {len(stems)} images); nothing was written")
+    unknown = sorted(set(frame["pred_label"]) - set(class_names))
+    if unknown:
+        raise RuntimeError(f"the submission has labels that are not classes: {unknown[:3]}; nothing was written")
+
+
+def main():
+    utils.refuse_distributed("predict.py")
+    args = get_args_parser().parse_args()
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size} must be at least 1")
+    test_dir = args.test_dir or args.data_dir / "test"
+    utils.check_writable(args.out.parent, "--out")
+    utils.check_writable(args.zip.parent, "--zip")
+    device = utils.resolve_device(args.device)
+    precision = utils.resolve_precision(args.precision, device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    # ------------------------------------------------ checkpoint and test images
+    if args.checkpoint == DEFAULT_CHECKPOINT and not args.checkpoint.is_file():
+        raise UserError(f"--checkpoint {args.checkpoint} does not exist; run ensemble.py first, or pass a "
+                        "member's checkpoint, e.g. --checkpoint runs/resnext/best.pt")
+    ckpt = utils.load_checkpoint(args.checkpoint)
+    class_names = ckpt["class_names"]
+    if not 0 <= args.topk <= len(class_names):
+        raise UserError(f"--topk {args.topk} must be between 0 and the {len(class_names)} classes")
+    paths, bad = data.load_test(test_dir, strict=not args.skip_bad)
+    if bad:
+        print(f"warning: {len(bad)} unreadable test image(s) get no prediction and no row in {args.out}: "
+              f"{', '.join(p.name for p, _ in bad)}", file=sys.stderr)
+    if not paths:
+        raise UserError(f"test folder {test_dir} holds no readable image")
+    stems = [p.stem for p in paths]
+    truth = read_labels(args.labels, stems, class_names) if args.labels else None
+
+    # --------------------------------------------------------------- inference
+    model = models.model_from_checkpoint(ckpt)  # built once every input is known to be fine
+    workers = data.default_workers() if args.workers < 0 else args.workers
+    print(f"{ckpt['kind']} checkpoint {args.checkpoint} ({len(class_names)} classes, {ckpt['img_size']} px) on "
+          f"{device} [{precision}]; {len(paths)} test images from {test_dir}; TTA {args.tta}")
+    logits = predict_logits(model, paths, img_size=ckpt["img_size"], mean=ckpt["mean"], std=ckpt["std"],
+                            device=device, precision=precision, channels_last=args.channels_last == "on",
+                            batch_size=args.batch_size, workers=workers, tta=args.tta)
+
+    # ------------------------------------------------------------------ write
+    frame = pd.DataFrame({"image_name": stems, "pred_label": labels_of(logits, class_names)})
+    check_submission(frame, stems, class_names)
+    csv_text = frame.to_csv(index=False, lineterminator="\n")
+    utils.atomic_write_text(args.out, csv_text)
+    utils.atomic_write_zip(args.zip, {"prediction.csv": csv_text.encode("utf-8")})
+    print(f"wrote {args.out} ({len(frame)} rows) and {args.zip}")
+    if args.topk:
+        probs_path = args.out.with_name("probabilities.csv")
+        top = pd.DataFrame({"image_name": stems, "top_k": topk_strings(logits, class_names, args.topk)})
+        utils.atomic_write_text(probs_path, top.to_csv(index=False, lineterminator="\n"))
+        print(f"wrote {probs_path} (top {args.topk})")
+    if args.save_logits:
+        logits_path = args.out.with_name("logits.pt")
+        utils.atomic_save_torch({"image_names": stems, "class_names": list(class_names), "logits": logits,
+                                 "tta": args.tta, "checkpoint": str(args.checkpoint)}, logits_path)
+        print(f"wrote {logits_path}")
+    if truth is not None:
+        correct = sum(p == t for p, t in zip(frame["pred_label"], truth))
+        print(f"accuracy {100 * correct / len(truth):.2f}% ({correct}/{len(truth)} images, --labels {args.labels})")
+
+
+if __name__ == "__main__":
+    utils.run_main(main)

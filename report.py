@@ -1,0 +1,490 @@
+"""Rebuild the tables and figures of a set of runs from the run folders alone.
+
+    python report.py [runs] [--data-dir data] [--device auto]
+
+Reads every run folder in RUNS: train.py's (config.json, history.csv, last.pt, best.pt) and ensemble.py's
+(ensemble.pt, metrics.json). Writes report.md (--out) and, beside it and named after it, report.json (every
+value of the tables), report_curves.png (loss and accuracy of every run and ensemble head, a row each) and,
+for the best model, report_confusion.png (val confusion matrix, log colour scale), report_per_class.csv
+(val accuracy per class) and report_misclassified.png (the most confident mistakes on val). report.md holds
+the gradual unfreezing table of each resnext_freeze run, the member and ensemble table, the figures and the
+best model's most confused class pairs. The best model is the complete run (a member, or an ensemble with
+its trained head) with the highest val accuracy; its predictions are recomputed from its checkpoint
+(best.pt or ensemble.pt) on DATA/val, DATA being the data its run was trained on unless --data-dir is given.
+A run still training, stopped or crashed is listed as incomplete, with the reason, and is never the best model.
+"""
+import argparse
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+import data
+import models
+import predict
+import utils
+from utils import UserError
+
+MEMBER_FILES = ("config.json", "history.csv", "last.pt", "best.pt")
+ENSEMBLE_FILES = ("ensemble.pt", "metrics.json", "logits_cache.pt")
+DPI = 100
+CURVES_SIZE = (11, 3.2)  # inches: figure width, height of each run's row
+CONFUSION_SIZE = (12, 11)  # inches; 100 classes get ~8 px per cell
+TILE_SIZE = (2.0, 2.4)  # inches per misclassified image, its two-line title included
+GRID_COLUMNS = 6
+MAX_MISCLASSIFIED = 24
+MAX_TICKS = 50  # class labels per confusion-matrix axis; beyond that every k-th class is labelled
+ANNOTATE_MAX = 30  # up to this many classes the counts are written in the cells
+TOP_PAIRS = 10
+
+
+def get_args_parser():
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=fmt)
+    parser.add_argument("runs", nargs="?", type=Path, default=Path("runs"), help="folder holding the run folders")
+    parser.add_argument("--data-dir", type=Path, help="data folder whose val/ the best model is evaluated on; "
+                        "None: the one its run was trained on")
+    parser.add_argument("--out", type=Path, help="the Markdown report to write (None: RUNS/report.md); the "
+                        "other files go beside it")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
+                        help="device of the best model's val predictions")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    parser.add_argument("--workers", type=int, default=-1, help="DataLoader workers (-1: from CPUs)")
+    return parser
+
+
+def number(value):
+    """A float for JSON, or None for a missing value (pandas' NaN)."""
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
+
+
+# ----------------------------------------------------------------------------
+# reading the run folders: every problem becomes a reason, never an exception
+
+def read_json(path):
+    """(content, None), or (None, why it cannot be used)."""
+    if not path.is_file():
+        return None, f"no {path.name}"
+    try:
+        return json.loads(path.read_text(encoding="utf-8")), None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        return None, f"{path.name} unreadable ({type(error).__name__})"
+
+
+def read_history(path):
+    """(DataFrame of history.csv, None), or (None, why it cannot be used)."""
+    if not path.is_file():
+        return None, "no history.csv (no epoch finished)"
+    try:
+        frame = pd.read_csv(path)
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
+        return None, f"history.csv unreadable ({type(error).__name__})"
+    missing = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc"} - set(frame.columns)
+    if missing or frame.empty:
+        return None, f"history.csv has no rows or lacks {', '.join(sorted(missing))}"
+    return frame, None
+
+
+def read_checkpoint(path, kind):
+    """(checkpoint, None), or (None, why it cannot be used)."""
+    if not path.is_file():
+        return None, f"no {path.name}"
+    try:
+        return utils.load_checkpoint(path, kind=kind), None
+    except UserError as error:
+        return None, str(error)
+
+
+def read_metrics(path):
+    """ensemble.py's metrics.json as (values, None), or (None, why it cannot be used)."""
+    metrics, why = read_json(path)
+    if metrics is None:
+        return None, why
+    try:
+        return {"members": [{"model": m["model"], "path": m["path"], "val_acc": float(m["val_acc"])}
+                            for m in metrics["members"]],
+                "logit_average": float(metrics["logit_average_val_acc"]),
+                "softmax_average": float(metrics["softmax_average_val_acc"]),
+                "head": float(metrics["head_val_acc"]), "head_epochs": metrics.get("epochs"),
+                "head_history": metrics.get("history") or [], "data_dir": metrics.get("data_dir")}, None
+    except (KeyError, TypeError, ValueError) as error:
+        return None, f"metrics.json lacks or mangles {error}"
+
+
+def unfreeze_table(frame, unfreeze, epochs):
+    """One row per gradual unfreezing section: its epochs, what it unfreezes, and the best accuracies the
+    history reached in it (None for a section not reached yet)."""
+    schedule = models.parse_unfreeze(unfreeze)
+    keys = ["train_acc", "val_acc"] + ["ema_val_acc"] * (frame is not None and "ema_val_acc" in frame)
+    rows = []
+    for i, (first, last) in enumerate(models.section_bounds(schedule, epochs)):
+        # section_bounds drops only the schedule's tail (epochs past the end), so section i > 0 is schedule[i - 1]
+        action = ("Unfreeze the final fully connected layer" if i == 0
+                  else "Unfreeze " + " and ".join(schedule[i - 1][1]))
+        part = frame[(frame["epoch"] >= first) & (frame["epoch"] <= last)] if frame is not None else pd.DataFrame()
+        row = {"epochs": f"{first}-{last}" if last > first else str(first), "first": first, "last": last,
+               "action": action}
+        for key in keys:
+            row[f"best_{key}"] = number(part[key].max()) if len(part) else None
+        rows.append(row)
+    return rows
+
+
+def read_member_run(folder):
+    config, why_config = read_json(folder / "config.json")
+    frame, why_history = read_history(folder / "history.csv")
+    last, why_last = read_checkpoint(folder / "last.pt", "member")
+    if config is None and last is not None:  # the checkpoint carries the flags too
+        config, why_config = last["args"], None
+    config = config or {}
+    epochs, done = config.get("epochs"), 0 if frame is None else len(frame)
+    reasons = [why for why in (why_config, why_history, why_last) if why]
+    if epochs is not None and frame is not None and done < epochs:
+        reasons.append(f"{done} of {epochs} epochs in history.csv (still training, stopped or crashed)")
+    elif epochs is not None and last is not None and last["epoch"] < epochs:
+        reasons.append(f"last.pt holds epoch {last['epoch']} of {epochs}")
+    if not (folder / "best.pt").is_file():
+        reasons.append("no best.pt")
+    run = {"name": folder.name, "path": str(folder), "kind": "member", "model": config.get("model", "?"),
+           "status": "incomplete" if reasons else "complete", "reason": "; ".join(reasons),
+           "epochs_done": done, "epochs": epochs, "best_val_acc": None, "best_epoch": None,
+           "checkpoint": str(folder / "best.pt"), "data_dir": config.get("data_dir"), "unfreeze": None,
+           "section_starts": [], "history": [] if frame is None else frame.to_dict("records")}
+    if frame is not None:
+        # the checkpoint train.py keeps as best.pt scored max(raw, EMA) val accuracy; ties: the first epoch
+        score = frame[[c for c in ("val_acc", "ema_val_acc") if c in frame]].max(axis=1)
+        run["best_val_acc"], run["best_epoch"] = number(score.max()), int(frame["epoch"][score.idxmax()])
+    if run["model"] == "resnext_freeze" and epochs is not None:
+        run["unfreeze"] = unfreeze_table(frame, config.get("unfreeze", models.DEFAULT_UNFREEZE), epochs)
+        run["section_starts"] = [row["first"] for row in run["unfreeze"][1:]]
+    return run
+
+
+def read_ensemble_run(folder):
+    metrics, why_metrics = read_metrics(folder / "metrics.json")
+    _, why_ckpt = read_checkpoint(folder / "ensemble.pt", "ensemble")  # only whether it loads
+    reasons = [why for why in (why_ckpt, why_metrics) if why]
+    run = {"name": folder.name, "path": str(folder), "kind": "ensemble", "model": "ensemble",
+           "status": "incomplete" if reasons else "complete", "reason": "; ".join(reasons),
+           "best_val_acc": None, "checkpoint": str(folder / "ensemble.pt"), "data_dir": None,
+           "members": [], "unfreeze": None, "logit_average": None, "softmax_average": None, "head_epochs": None,
+           "history": [], "section_starts": []}
+    if metrics is not None:
+        run.update(members=metrics["members"], logit_average=metrics["logit_average"],
+                   softmax_average=metrics["softmax_average"], best_val_acc=metrics["head"],
+                   head_epochs=metrics["head_epochs"], history=metrics["head_history"], data_dir=metrics["data_dir"])
+    if run["data_dir"] is None:  # ensemble.py trains on its members' data: take it from their run folders
+        for member in run["members"]:
+            config, _ = read_json(Path(member["path"]).parent / "config.json")
+            if config and config.get("data_dir"):
+                run["data_dir"] = config["data_dir"]
+                break
+    return run
+
+
+def find_runs(runs_dir):
+    """Every run folder in runs_dir, members first, each read by read_member_run / read_ensemble_run."""
+    runs = []
+    for folder in sorted(p for p in runs_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if any((folder / name).exists() for name in ENSEMBLE_FILES):
+            runs.append(read_ensemble_run(folder))
+        elif any((folder / name).exists() for name in MEMBER_FILES):
+            runs.append(read_member_run(folder))
+    if not runs:
+        raise UserError(f"{runs_dir} holds no run folders (with train.py's history.csv or last.pt, or ensemble.py's "
+                        "ensemble.pt); train first, or give the folder that holds them")
+    return sorted(runs, key=lambda run: run["kind"] == "ensemble")
+
+
+# ----------------------------------------------------------------------------
+# the best model's val predictions
+
+def predict_val(run, data_dir, device, batch_size, workers):
+    """(val paths, labels (N,), probabilities (N, C), class names) of a run's checkpoint on data_dir/val."""
+    ckpt = utils.load_checkpoint(run["checkpoint"])
+    paths, labels, class_names = data.load_split(data_dir, "val", ckpt["class_names"])
+    logits = predict.predict_logits(models.model_from_checkpoint(ckpt), paths, img_size=ckpt["img_size"],
+                                    mean=ckpt["mean"], std=ckpt["std"], device=device, batch_size=batch_size,
+                                    workers=workers)
+    return paths, torch.tensor(labels), logits.softmax(1), class_names
+
+
+def confusion_matrix(labels, preds, num_classes):
+    """(C, C) counts: row = true class, column = predicted class."""
+    return np.bincount(np.asarray(labels) * num_classes + np.asarray(preds),
+                       minlength=num_classes ** 2).reshape(num_classes, num_classes)
+
+
+def per_class(matrix, class_names):
+    images, correct = matrix.sum(1), np.diag(matrix)
+    wrong = matrix - np.diag(correct)
+    worst = wrong.argmax(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        accuracy = 100 * correct / images  # NaN for a class without val images
+    return pd.DataFrame({"class": class_names, "images": images, "correct": correct, "accuracy": accuracy,
+                         "most_predicted_instead": [class_names[j] if wrong[i, j] else "" for i, j in enumerate(worst)],
+                         "times": wrong[np.arange(len(worst)), worst]})
+
+
+def top_confusions(matrix, class_names, k=TOP_PAIRS):
+    """The k largest off-diagonal cells: (true class, predicted class) pairs, most images first."""
+    wrong = matrix - np.diag(np.diag(matrix))
+    pairs = []
+    for flat in np.argsort(-wrong, axis=None, kind="stable")[:k]:
+        i, j = divmod(int(flat), len(class_names))
+        if wrong[i, j]:
+            pairs.append({"true": class_names[i], "predicted": class_names[j], "images": int(wrong[i, j]),
+                          "share": 100 * float(wrong[i, j]) / float(matrix[i].sum())})
+    return pairs
+
+
+# ----------------------------------------------------------------------------
+# figures
+
+def pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def curves_size(num_rows):
+    return CURVES_SIZE[0], CURVES_SIZE[1] * num_rows
+
+
+def grid_size(num_images):
+    return TILE_SIZE[0] * GRID_COLUMNS, TILE_SIZE[1] * math.ceil(num_images / GRID_COLUMNS)
+
+
+def plot_all_curves(runs, path):
+    """One row (loss, accuracy) per run with a history, in the order given."""
+    plt = pyplot()
+    fig, axes = plt.subplots(len(runs), 2, figsize=curves_size(len(runs)), dpi=DPI, squeeze=False)
+    for (ax_loss, ax_acc), run in zip(axes, runs):
+        utils.draw_curves(ax_loss, ax_acc, run["history"], run["section_starts"])
+        what = "ensemble head" if run["kind"] == "ensemble" else run["model"]
+        title = run["name"] if what == run["name"] else f"{run['name']} ({what})"
+        ax_loss.set_title(title + ("" if run["status"] == "complete" else ": incomplete"), loc="left", fontsize=10)
+    fig.tight_layout()
+    utils.atomic_savefig(fig, path)
+    plt.close(fig)
+
+
+def short(name, width=14):
+    return name if len(name) <= width else name[:width - 1] + "~"
+
+
+def plot_confusion(matrix, class_names, path, title):
+    """Counts on a log colour scale (zero cells white), classes in index order, labels thinned to MAX_TICKS."""
+    from matplotlib.colors import LogNorm
+    plt = pyplot()
+    num_classes = len(class_names)
+    fig, ax = plt.subplots(figsize=CONFUSION_SIZE, dpi=DPI, layout="constrained")
+    cmap = plt.get_cmap("viridis").with_extremes(bad="white")
+    image = ax.imshow(np.ma.masked_equal(matrix, 0), cmap=cmap, interpolation="nearest",
+                      norm=LogNorm(vmin=1, vmax=max(2, matrix.max())))
+    ticks = range(0, num_classes, math.ceil(num_classes / MAX_TICKS))
+    labels = [short(class_names[i]) for i in ticks]
+    fontsize = 9 if num_classes <= ANNOTATE_MAX else 7
+    ax.set_xticks(ticks, labels, rotation=90, fontsize=fontsize)
+    ax.set_yticks(ticks, labels, fontsize=fontsize)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(title)
+    if num_classes <= ANNOTATE_MAX:
+        for i, j in zip(*np.nonzero(matrix)):
+            light = matrix[i, j] < matrix.max() ** 0.5  # dark cells at the bottom of the log scale
+            ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=8,
+                    color="white" if light else "black")
+    vmax = image.norm.vmax
+    ticks = [t for t in (10 ** e * m for e in range(int(math.log10(vmax)) + 1) for m in (1, 2, 5)) if t <= vmax]
+    bar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02, label="val images (log scale)")
+    bar.set_ticks(ticks, labels=[str(t) for t in ticks])
+    bar.minorticks_off()
+    utils.atomic_savefig(fig, path)
+    plt.close(fig)
+
+
+def plot_misclassified(mistakes, class_names, path):
+    """mistakes: (path, true index, predicted index, confidence) tuples, drawn in order, a tile each."""
+    plt = pyplot()
+    rows = math.ceil(len(mistakes) / GRID_COLUMNS)
+    fig, axes = plt.subplots(rows, GRID_COLUMNS, figsize=grid_size(len(mistakes)), dpi=DPI, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (image_path, true, pred, confidence) in zip(axes.flat, mistakes):
+        img = data.load_rgb(image_path)
+        img.thumbnail((256, 256))
+        ax.imshow(img)
+        ax.set_title(f"true: {short(class_names[true], 18)}\npred: {short(class_names[pred], 18)} "
+                     f"({100 * confidence:.0f}%)", fontsize=9, color="firebrick")
+    fig.tight_layout()
+    utils.atomic_savefig(fig, path)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------
+# Markdown
+
+def fmt(value):
+    return "-" if value is None else f"{value:.2f}"
+
+
+def md_table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell).replace("|", "/") for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def status_cell(run):
+    return run["status"] if run["status"] == "complete" else f"incomplete: {run['reason']}"
+
+
+def summary_rows(runs):
+    """The member and ensemble table: a row per member run, then per ensemble its averages and its head."""
+    rows = []
+    for run in runs:
+        if run["kind"] == "member":
+            epochs = f"{run['epochs_done']}/{run['epochs'] if run['epochs'] is not None else '?'}"
+            rows.append({"model": run["model"], "run": run["name"], "status": status_cell(run), "epochs": epochs,
+                         "val_acc": run["best_val_acc"], "best_epoch": run["best_epoch"]})
+        else:
+            head = f"trained head ({run['head_epochs']} epochs)" if run["head_epochs"] is not None else "trained head"
+            for what, key in (("logit average", "logit_average"), ("softmax average", "softmax_average"),
+                              (head, "best_val_acc")):
+                rows.append({"model": f"ensemble: {what}", "run": run["name"], "status": status_cell(run),
+                             "epochs": "", "val_acc": run[key], "best_epoch": None})
+    return rows
+
+
+def render(runs_dir, runs, summary, files, best, notes):
+    lines = [f"# Report of {runs_dir}", "",
+             "Rebuilt by report.py from the run folders alone. Accuracies are percentages of the val images.", "",
+             "## Members and ensemble", "",
+             md_table(["Model", "Run", "Status", "Epochs", "Best Validation Acc.", "Best epoch"],
+                      [[r["model"], r["run"], r["status"], r["epochs"], fmt(r["val_acc"]),
+                        r["best_epoch"] or ""] for r in summary])]
+    for run in runs:
+        if run["kind"] == "ensemble" and run["members"]:
+            lines += ["", f"Members of {run['name']}, measured on val by ensemble.py: "
+                      + ", ".join(f"{m['model']} {m['val_acc']:.2f} ({m['path']})" for m in run["members"]) + "."]
+    for run in runs:
+        if run["unfreeze"]:
+            ema = "best_ema_val_acc" in run["unfreeze"][0]
+            header = ["Epoch", "Action", "Best Training Acc.", "Best Validation Acc."] + ["Best EMA Val. Acc."] * ema
+            rows = [[r["epochs"], r["action"], fmt(r["best_train_acc"]), fmt(r["best_val_acc"])]
+                    + [fmt(r.get("best_ema_val_acc"))] * ema for r in run["unfreeze"]]
+            lines += ["", f"## Gradual unfreezing: {run['name']} ({status_cell(run)})", "", md_table(header, rows)]
+    lines += ["", "## Learning curves", ""]
+    if "curves" in files:
+        lines += [f"![learning curves]({files['curves']})", ""]
+    lines += [f"- {note}" for note in notes]
+    lines += ["", "## Best model", ""]
+    if best is None:
+        lines.append("No complete run: no confusion matrix, per-class accuracy or misclassified images.")
+        return "\n".join(lines) + "\n"
+    lines += [f"{best['run']} ({best['kind']}, {best['checkpoint']}): val accuracy {best['val_acc']:.2f} recomputed "
+              f"from the checkpoint on {best['val_dir']} ({best['images']} images; the table says "
+              f"{best['table_val_acc']:.2f}).", "",
+              f"![confusion matrix]({files['confusion']})", "",
+              f"Per-class val accuracy: [{files['per_class']}]({files['per_class']}).", "",
+              f"### The {TOP_PAIRS} most confused class pairs", ""]
+    if best["top_confusions"]:
+        lines.append(md_table(["True class", "Predicted as", "Images", "Share of the true class (%)"],
+                              [[p["true"], p["predicted"], p["images"], fmt(p["share"])]
+                               for p in best["top_confusions"]]))
+    else:
+        lines.append("None: every val image is classified correctly.")
+    lines += ["", "### Misclassified val images", ""]
+    if "misclassified" in files:
+        lines += [f"The {best['shown']} most confident of the {best['mistakes']} mistakes (true and predicted "
+                  "class, confidence of the prediction):", "", f"![misclassified]({files['misclassified']})"]
+    else:
+        lines.append("None.")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size} must be at least 1")
+    if not args.runs.is_dir():
+        raise UserError(f"runs folder {args.runs} does not exist; give the folder that holds the run folders")
+    out = args.out or args.runs / "report.md"
+    utils.check_writable(out.parent, "--out")
+    runs = find_runs(args.runs)
+    summary = summary_rows(runs)
+
+    # ------------------------------------------------ the best model and its data, checked before any work
+    complete = [run for run in runs if run["status"] == "complete" and run["best_val_acc"] is not None]
+    best_run = max(complete, key=lambda run: (run["best_val_acc"], run["kind"] == "ensemble"), default=None)
+    if best_run is not None:
+        data_dir = args.data_dir or (Path(best_run["data_dir"]) if best_run["data_dir"] else None)
+        if data_dir is None:
+            raise UserError(f"run {best_run['path']} does not say which data it was trained on; "
+                            "pass --data-dir DATA, the folder with its val/ images")
+        if not (data_dir / "val").is_dir():
+            source = "--data-dir" if args.data_dir else f"the data of run {best_run['path']}"
+            raise UserError(f"{data_dir / 'val'} ({source}) does not exist; pass --data-dir DATA, "
+                            "the folder with the val/ images the runs were trained on")
+
+    # ------------------------------------------------------------------ figures
+    stem = out.with_suffix("")
+    files, notes = {}, []
+    plotted = [run for run in runs if run["history"]]
+    for run in runs:
+        if run["kind"] == "member" and not run["history"]:
+            notes.append(f"{run['name']}: no curve ({run['reason']}).")
+        elif run["kind"] == "ensemble" and not run["history"]:
+            notes.append(f"{run['name']}: no head training curve in its metrics.json "
+                         f"({run['reason'] or 'the head trained 0 epochs'}).")
+        elif run["kind"] == "ensemble":
+            notes.append(f"{run['name']}: the row of the ensemble head shows its loss on the members' stored "
+                         "train logits and its val loss and accuracy, per head epoch.")
+    if plotted:
+        files["curves"] = f"{stem.name}_curves.png"
+        plot_all_curves(plotted, out.parent / files["curves"])
+
+    best = None
+    if best_run is not None:
+        device = utils.resolve_device(args.device)
+        workers = data.default_workers() if args.workers < 0 else args.workers
+        print(f"best model: {best_run['name']} ({best_run['best_val_acc']:.2f}); predicting {data_dir / 'val'} "
+              f"on {device}")
+        paths, labels, probs, class_names = predict_val(best_run, data_dir, device, args.batch_size, workers)
+        confidence, preds = probs.max(1)
+        matrix = confusion_matrix(labels.numpy(), preds.numpy(), len(class_names))
+        wrong = (preds != labels).nonzero().flatten()
+        wrong = wrong[confidence[wrong].argsort(descending=True, stable=True)]
+        best = {"run": best_run["name"], "kind": best_run["kind"], "checkpoint": best_run["checkpoint"],
+                "val_dir": str(data_dir / "val"), "images": len(paths), "table_val_acc": best_run["best_val_acc"],
+                "val_acc": 100 * float((preds == labels).double().mean()), "mistakes": len(wrong),
+                "shown": min(len(wrong), MAX_MISCLASSIFIED), "top_confusions": top_confusions(matrix, class_names)}
+        files["confusion"] = f"{stem.name}_confusion.png"
+        plot_confusion(matrix, class_names, out.parent / files["confusion"],
+                       f"{best_run['name']}: val confusion matrix ({best['val_acc']:.2f}% of {len(paths)} images)")
+        files["per_class"] = f"{stem.name}_per_class.csv"
+        utils.atomic_write_text(out.parent / files["per_class"],
+                                per_class(matrix, class_names).to_csv(index=False, float_format="%.2f"))
+        if len(wrong):
+            files["misclassified"] = f"{stem.name}_misclassified.png"
+            shown = [(paths[i], int(labels[i]), int(preds[i]), float(confidence[i])) for i in wrong[:MAX_MISCLASSIFIED]]
+            plot_misclassified(shown, class_names, out.parent / files["misclassified"])
+
+    # -------------------------------------------------------------------- write
+    report = {"runs_dir": str(args.runs), "summary": summary, "best_model": best, "files": files, "notes": notes,
+              "runs": [{key: value for key, value in run.items() if key != "history"} for run in runs]}
+    utils.atomic_write_json(stem.with_suffix(".json"), report)
+    utils.atomic_write_text(out, render(args.runs, runs, summary, files, best, notes))
+    incomplete = sum(run["status"] != "complete" for run in runs)
+    print(f"wrote {out}, {stem.with_suffix('.json').name} and {len(files)} figure/table file(s) for {len(runs)} "
+          f"run(s){f', {incomplete} incomplete' if incomplete else ''}")
+
+
+if __name__ == "__main__":
+    utils.run_main(main)
