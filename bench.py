@@ -5,15 +5,20 @@ field named *ratio* is project / report (or real / synthetic), so higher is bett
     python bench.py data   # train pipeline images/s: per core (one process) and with N DataLoader workers
     python bench.py train  # training images/s: synthetic input (the compute ceiling) and real files
     python bench.py gpu    # ResNeXt101_32x8d on a CUDA GPU, real files, projected time of the whole report
+    python bench.py predict   # test-set inference images/s: predict.predict_logits against a per-image loop
+    python bench.py ensemble  # ensemble.py's time against the report's stacking (members forward every epoch)
 
 Without --data-dir each command writes real-size JPEGs (500-1000 px a side) into a temporary folder;
---data-dir DATA uses DATA/train/<class>/* instead. BENCHMARKS.md holds measured figures.
+--data-dir DATA uses DATA/train/<class>/* instead (ensemble: a generated demo dataset, or DATA's
+train/ and val/). BENCHMARKS.md holds measured figures.
 """
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,7 +34,9 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 import data
+import ensemble
 import models
+import predict
 import utils
 from utils import UserError
 
@@ -521,6 +528,126 @@ def measure_gpu(args, device):
 
 
 # ----------------------------------------------------------------------------
+# predict: predict.predict_logits against the report's per-image loop, on the same model and files
+
+def report_predict(model, paths, img_size):
+    """The report's inference: each test image opened with PIL, the eval transform, one forward pass each."""
+    transform = data.eval_transform(img_size)
+    model.to(memory_format=torch.contiguous_format).eval()
+    with torch.no_grad():
+        return torch.cat([model(transform(report_loader(path)).unsqueeze(0)) for path in paths])
+
+
+def run_predict(args):
+    device = torch.device("cpu")
+    defaults = predict.get_args_parser().parse_args([])
+    precision = utils.resolve_precision(args.precision, device)
+    workers = data.default_workers() if defaults.workers < 0 else defaults.workers
+    emit(environment(device))
+    with tempfile.TemporaryDirectory() as tmp:
+        paths, _, files = bench_files(args, tmp)
+        paths = paths[:args.files]
+        model = models.build_model("resnext", args.arch, 100, weights="none").eval()
+        with torch.no_grad():  # first-call allocations out of both timings
+            model(torch.randn(2, 3, args.img_size, args.img_size))
+        start = time.perf_counter()
+        report = report_predict(model, paths, args.img_size)
+        report_s = time.perf_counter() - start
+        start = time.perf_counter()
+        project = predict.predict_logits(model, paths, img_size=args.img_size, mean=data.IMAGENET_MEAN,
+                                         std=data.IMAGENET_STD, device=device, precision=precision,
+                                         channels_last=defaults.channels_last == "on",
+                                         batch_size=defaults.batch_size, workers=workers, progress=False)
+        project_s = time.perf_counter() - start
+    emit({"bench": "predict", "arch": args.arch, "img_size": args.img_size, "precision": precision,
+          "batch_size": defaults.batch_size, "workers": workers, **files, "images": len(paths),
+          "report_images_per_s": round(len(paths) / report_s, 2),
+          "project_images_per_s": round(len(paths) / project_s, 2),
+          "same_argmax_fraction": round((report.argmax(1) == project.argmax(1)).float().mean().item(), 3),
+          "speed_ratio": round(report_s / project_s, 2)})
+
+
+# ----------------------------------------------------------------------------
+# ensemble: ensemble.main (member logits computed once, the head trained on them) against the report's
+# stacking (the members forward every batch of every epoch, in train mode)
+
+def write_members(out_dir, arch, class_names, img_size, count=REPORT_MEMBERS):
+    """`count` member checkpoints of random weights (a different seed each), as train.py writes them."""
+    paths = []
+    for i in range(count):
+        torch.manual_seed(i)
+        model = models.build_model("resnext", arch, len(class_names), weights="none")
+        ckpt = {"format": utils.CHECKPOINT_FORMAT, "kind": "member",
+                **models.member_spec(model, "resnext", arch, class_names, img_size, data.IMAGENET_MEAN,
+                                     data.IMAGENET_STD),
+                "state_dict": model.state_dict(), "ema_state_dict": None, "weights": "raw", "epoch": 0, "step": 0,
+                "best_acc": 0.0, "best_epoch": 0, "history": [], "args": {"model": "resnext"}}
+        paths.append(Path(out_dir) / f"member{i}.pt")
+        utils.atomic_save_torch(ckpt, paths[-1])
+    return paths
+
+
+def project_ensemble(members, data_dir, out_dir, epochs, workers):
+    """Seconds of one ensemble.main run into an empty --out-dir (no logits cache); its printing goes to stderr
+    so that stdout stays JSON lines."""
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(sys.stderr):
+        ensemble.main(["--members", *map(str, members), "--data-dir", str(data_dir), "--out-dir", str(out_dir),
+                       "--epochs", str(epochs), "--workers", str(workers)])
+    return time.perf_counter() - start
+
+
+def report_ensemble(members, data_dir, epochs, workers):
+    """Seconds of the report's stacking: the frozen members in train mode (their BatchNorm statistics keep
+    moving) forward every batch of every epoch, a Linear head on their concatenated logits, SGD, then val."""
+    start = time.perf_counter()
+    ckpts = [utils.load_checkpoint(path, kind="member") for path in members]
+    class_names, img_size = ckpts[0]["class_names"], ckpts[0]["img_size"]
+    model = models.StackingEnsemble([models.model_from_checkpoint(c).requires_grad_(False) for c in ckpts],
+                                    len(class_names))
+    train_paths, train_labels, _ = data.load_split(data_dir, "train")
+    val_paths, val_labels, _ = data.load_split(data_dir, "val", class_names)
+    train_loader = DataLoader(ReportDataset(train_paths, train_labels, img_size), batch_size=REPORT_BATCH,
+                              shuffle=True, num_workers=workers)
+    val_loader = DataLoader(data.ImageDataset(val_paths, val_labels, data.eval_transform(img_size)),
+                            batch_size=REPORT_BATCH, num_workers=workers)
+    optimizer = torch.optim.SGD(model.head.parameters(), lr=1e-3, momentum=0.9)
+    for _ in range(epochs):
+        model.train()
+        for images, labels in train_loader:
+            loss = F.cross_entropy(model(images), labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        model.eval()
+        with torch.no_grad():
+            for images, _ in val_loader:
+                model(images)
+    return time.perf_counter() - start
+
+
+def run_ensemble(args):
+    emit(environment(torch.device("cpu")))
+    workers = data.default_workers() if args.workers < 0 else args.workers
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        data_dir = args.data_dir or data.make_demo(tmp / "data", train_per_class=args.train_per_class,
+                                                   val_per_class=max(1, args.train_per_class // 4),
+                                                   test_per_class=0)
+        train_paths, _, class_names = data.load_split(data_dir, "train")
+        members = write_members(tmp / "members", args.arch, class_names, args.img_size)
+        project_s = project_ensemble(members, data_dir, tmp / "full", args.epochs, workers)
+        one_epoch_s = project_ensemble(members, data_dir, tmp / "one", 1, workers)
+        report_s = report_ensemble(members, data_dir, args.epochs, workers)
+    emit({"bench": "ensemble", "arch": args.arch, "img_size": args.img_size, "members": len(members),
+          "source": str(args.data_dir) if args.data_dir else "demo", "train_images": len(train_paths),
+          "classes": len(class_names), "epochs": args.epochs, "workers": workers,
+          "project_s": round(project_s, 2), "project_1_epoch_s": round(one_epoch_s, 2),
+          "report_s": round(report_s, 2), "head_epochs_ratio": round(project_s / one_epoch_s, 2),
+          "speedup_ratio": round(report_s / project_s, 2)})
+
+
+# ----------------------------------------------------------------------------
 
 def get_args_parser():
     fmt = argparse.ArgumentDefaultsHelpFormatter
@@ -559,14 +686,43 @@ def get_args_parser():
     p.add_argument("--time-limit", type=float, default=540, help="seconds; compilation is skipped when it "
                    "would not fit")
     p.add_argument("--compile-allowance", type=float, default=240, help="seconds kept free for compilation")
+
+    p = sub.add_parser("predict", formatter_class=fmt, help="inference images/s of predict.predict_logits "
+                       "(predict.py's defaults) against the report's per-image loop, same model and files",
+                       description="inference images/s of predict.predict_logits (predict.py's defaults) against "
+                       "the report's per-image loop (PIL open, eval transform, one fp32 forward per image)")
+    p.add_argument("--data-dir", type=Path, help="use the first --images of DATA/train/<class>/* instead of "
+                   "generated JPEGs")
+    p.add_argument("--images", dest="files", metavar="N", type=int, default=64, help="how many images to predict")
+    p.add_argument("--arch", default="resnet18", help="timm ResNet-family network (random init, 100 classes)")
+    p.add_argument("--img-size", type=int, default=224, help="eval image size")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="predict_logits' precision (as predict.py's flag); the per-image loop stays fp32")
+
+    p = sub.add_parser("ensemble", formatter_class=fmt, help="ensemble.py's time against the report's stacking",
+                       description="seconds of ensemble.main (--epochs, and 1 epoch; empty logits cache) and of "
+                       "the report's stacking (members forward every batch of every epoch in train mode, SGD) "
+                       "with random-weight members")
+    p.add_argument("--data-dir", type=Path, help="folder with train/ and val/ instead of a generated demo dataset")
+    p.add_argument("--train-per-class", type=int, default=40, help="train images per class of the generated "
+                   "demo dataset (val: a quarter of it)")
+    p.add_argument("--arch", default="resnet10t", help="timm ResNet-family network of the members (random init)")
+    p.add_argument("--img-size", type=int, default=32, help="the members' image size")
+    p.add_argument("--epochs", type=int, default=REPORT_ENSEMBLE_EPOCHS, help="head epochs of both methods")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers of both methods (-1: from CPUs)")
     return parser
 
 
 def main():
     args = get_args_parser().parse_args()
-    if args.data_dir is None and args.files < REPORT_BATCH:
+    if args.command in ("data", "train", "gpu") and args.data_dir is None and args.files < REPORT_BATCH:
         raise UserError(f"--files {args.files}: generate at least {REPORT_BATCH} (one batch)")
-    {"data": run_data, "train": run_train, "gpu": run_gpu}[args.command](args)
+    if args.command == "predict" and args.files < 1:
+        raise UserError(f"--images {args.files} must be at least 1")
+    if args.command == "ensemble" and min(args.epochs, args.train_per_class) < 1:
+        raise UserError(f"--epochs {args.epochs} and --train-per-class {args.train_per_class} must be at least 1")
+    {"data": run_data, "train": run_train, "gpu": run_gpu, "predict": run_predict,
+     "ensemble": run_ensemble}[args.command](args)
 
 
 if __name__ == "__main__":

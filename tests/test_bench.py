@@ -1,0 +1,30 @@
+import json
+
+from conftest import run_script
+
+
+def json_rows(*args):
+    """The JSON object of every stdout line of `python bench.py ARGS` (a non-JSON line fails the test)."""
+    lines = run_script("bench.py", *args, timeout=120).stdout.splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def ratios(row):
+    return {key: value for key, value in row.items() if "ratio" in key}
+
+
+def test_predict_prints_rates_and_their_ratio():
+    rows = json_rows("predict", "--images", "4", "--arch", "resnet10t", "--img-size", "32")
+    assert [row["bench"] for row in rows] == ["env", "predict"]
+    row = rows[-1]
+    assert row["images"] == 4 and row["report_images_per_s"] > 0 and row["project_images_per_s"] > 0
+    # the two paths compute the same predictions (up to rare near-ties of the random-weight logits)
+    assert row["same_argmax_fraction"] >= 0.75 and ratios(row)["speed_ratio"] > 0
+
+
+def test_ensemble_prints_times_and_their_ratios():
+    rows = json_rows("ensemble", "--train-per-class", "2", "--epochs", "2")
+    assert [row["bench"] for row in rows] == ["env", "ensemble"]
+    row = rows[-1]
+    assert row["members"] == 3 and row["train_images"] == 2 * 16 and row["epochs"] == 2
+    assert set(ratios(row)) == {"head_epochs_ratio", "speedup_ratio"} and all(v > 0 for v in ratios(row).values())
