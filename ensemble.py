@@ -42,7 +42,7 @@ def get_args_parser():
     parser.add_argument("--data-dir", type=Path, default=Path("data"), help="folder with train/ and val/")
     parser.add_argument("--out-dir", type=Path, default=Path("runs/ensemble"),
                         help="writes ensemble.pt, metrics.json and logits_cache.pt here")
-    parser.add_argument("--views", type=int, default=2, help="augmented views of each train image whose member "
+    parser.add_argument("--views", type=int, default=1, help="augmented views of each train image whose member "
                         "logits train the head (each view costs one pass of every member over train)")
     parser.add_argument("--epochs", type=int, default=20, help="head epochs over the stored logits "
                         "(0: keep the plain logit average)")
