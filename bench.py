@@ -204,39 +204,52 @@ def run_data(args):
         size = args.img_size
         report_chain, fused = report_transform(size), data.train_transform(size, aug="fused")
         fused_gpu = data.train_transform(size, aug="fused-gpu")
+        start = time.perf_counter()
+        cache = data.DecodedCache.build(paths, Path(tmp) / "cache", args.cache_size, progress=False)
+        cache_build_s = time.perf_counter() - start
+        index_of = {str(p): i for i, p in enumerate(paths)}
         pipelines = {"decode_only": report_loader, "draft_decode_only": lambda p: draft_decode(p, size),
                      "report": lambda p: report_chain(report_loader(p)), "fused": fused,
-                     "fused_gpu_worker": fused_gpu}
+                     "fused_gpu_worker": fused_gpu, "fused_cached": lambda p: fused(cache.image(index_of[p]))}
         cpu_rates, wall_rates = per_core(pipelines, [str(p) for p in paths], args.seconds)
         emit({"bench": "data", "mode": "one process, per CPU-second", "img_size": size, **files,
-              **{f"{k}_img_s": round(v, 1) for k, v in cpu_rates.items()},
+              "cache_size": args.cache_size, **{f"{k}_img_s": round(v, 1) for k, v in cpu_rates.items()},
               "fused_over_report_ratio": round(cpu_rates["fused"] / cpu_rates["report"], 2),
               "fused_gpu_worker_over_report_ratio": round(cpu_rates["fused_gpu_worker"] / cpu_rates["report"], 2),
+              # epochs after the cache's build: the fused warp from memory-mapped pixels, no decode
+              "fused_cached_over_report_ratio": round(cpu_rates["fused_cached"] / cpu_rates["report"], 2),
               # the most any pipeline that decodes as the fused ones do could reach: decoding and nothing else
               "draft_decode_only_over_report_ratio": round(cpu_rates["draft_decode_only"] / cpu_rates["report"], 2),
-              "wall_fused_over_report_ratio": round(wall_rates["fused"] / wall_rates["report"], 2)})
+              "wall_fused_over_report_ratio": round(wall_rates["fused"] / wall_rates["report"], 2),
+              # a one-off before the first epoch, on data.default_workers() threads
+              "cache_build_img_s": round(len(paths) / cache_build_s, 1),
+              "cache_megabytes": round(Path(cache.pixels_path).stat().st_size / 2**20, 1)})
 
         workers = args.workers if args.workers > 0 else data.default_workers()
         # epochs of 8 batches per worker or more, so that the workers rarely wait at an epoch's end
         repeats = -(-8 * workers * REPORT_BATCH // len(paths))
         paths, labels = paths * repeats, labels * repeats
+        cache = data.DecodedCache(cache.pixels_path, np.tile(cache.offsets, repeats),
+                                  np.tile(cache.sizes, (repeats, 1)))
         rates = {}
-        for name, transform in (("report", None), ("fused", fused), ("fused_gpu_worker", fused_gpu)):
+        for name, transform, source in (("report", None, None), ("fused", fused, None),
+                                        ("fused_gpu_worker", fused_gpu, None), ("fused_cached", fused, cache)):
             if transform is None:  # the same loader settings for both: only the pipeline differs
                 loader = DataLoader(ReportDataset(paths, labels, size), batch_size=REPORT_BATCH, shuffle=True,
                                     num_workers=workers, persistent_workers=True, prefetch_factor=4)
                 rates[name] = loader_rate(loader, args.seconds)
             else:
                 sampler = data.TrainBatchSampler(len(paths), REPORT_BATCH, seed=0)
-                loader = data.make_loader(data.ImageDataset(paths, labels, transform), device=torch.device("cpu"),
-                                          workers=workers, batch_sampler=sampler)
+                loader = data.make_loader(data.ImageDataset(paths, labels, transform, source),
+                                          device=torch.device("cpu"), workers=workers, batch_sampler=sampler)
                 rates[name] = loader_rate(loader, args.seconds, sampler.set_epoch)
             del loader
         emit({"bench": "data", "mode": f"{workers} DataLoader workers", "img_size": size, "workers": workers,
               **files, **{f"{k}_img_s": round(v, 1) for k, v in rates.items()},
               **{f"{k}_img_s_per_worker": round(v / workers, 1) for k, v in rates.items()},
               "fused_over_report_ratio": round(rates["fused"] / rates["report"], 2),
-              "fused_gpu_worker_over_report_ratio": round(rates["fused_gpu_worker"] / rates["report"], 2)})
+              "fused_gpu_worker_over_report_ratio": round(rates["fused_gpu_worker"] / rates["report"], 2),
+              "fused_cached_over_report_ratio": round(rates["fused_cached"] / rates["report"], 2)})
 
 
 # ----------------------------------------------------------------------------
@@ -664,6 +677,8 @@ def get_args_parser():
 
     p = add("data", "train pipeline images/s: the report's chain against the fused one", files=64)
     p.add_argument("--seconds", type=float, default=4.0, help="measuring time of each pipeline and mode")
+    p.add_argument("--cache-size", type=int, help="shorter side of the decoded-image cache (train.py's "
+                   "--cache-size; default: 2x --img-size)")
 
     p = add("train", "training images/s at equal model, size and batch: synthetic input and real files",
             files=96)
@@ -721,6 +736,8 @@ def main():
         raise UserError(f"--images {args.files} must be at least 1")
     if args.command == "ensemble" and min(args.epochs, args.train_per_class) < 1:
         raise UserError(f"--epochs {args.epochs} and --train-per-class {args.train_per_class} must be at least 1")
+    if args.command == "data":
+        args.cache_size = args.cache_size or 2 * args.img_size
     {"data": run_data, "train": run_train, "gpu": run_gpu, "predict": run_predict,
      "ensemble": run_ensemble}[args.command](args)
 

@@ -5,8 +5,11 @@ Layout: DATA/train/<class>/*, DATA/val/<class>/*, DATA/test/* (flat).
 """
 import argparse
 import functools
+import hashlib
+import json
 import math
 import os
+import shutil
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -18,8 +21,9 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import v2
+from tqdm import tqdm
 
-from utils import UserError, atomic_write_text, run_main
+from utils import UserError, atomic_write, atomic_write_text, check_writable, remove_stale_temps, run_main
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -185,12 +189,14 @@ def eval_transform(img_size, *, mean=IMAGENET_MEAN, std=IMAGENET_STD):
 class ImageDataset(Dataset):
     """Images with labels (-1 for test). An item is an index, or (index, seed) to make the
     augmentation of that sample a pure function of the seed: the same under any number of
-    workers, ranks or resumes."""
+    workers, ranks or resumes. cache: a DecodedCache of `paths` to read instead of the files."""
 
-    def __init__(self, paths, labels, transform):
+    def __init__(self, paths, labels, transform, cache=None):
         self.paths = [str(p) for p in paths]
         self.labels = list(labels) if labels is not None else [-1] * len(self.paths)
-        self.transform = transform
+        self.transform, self.cache = transform, cache
+        if cache is not None and len(cache) != len(self.paths):
+            raise ValueError(f"the cache holds {len(cache)} images, not the dataset's {len(self.paths)}")
 
     def __len__(self):
         return len(self.paths)
@@ -206,7 +212,10 @@ class ImageDataset(Dataset):
                 index_read = (index + offset) % len(self.paths)
                 path = self.paths[index_read]
                 try:
-                    sample = self.transform(path) if reads_path else self.transform(load_rgb(path))
+                    if self.cache is not None:
+                        sample = self.transform(self.cache.image(index_read))
+                    else:
+                        sample = self.transform(path) if reads_path else self.transform(load_rgb(path))
                     break
                 except OSError as error:  # the file changed after the scan: never end an epoch for it
                     warnings.warn(f"skipping unreadable image {path} ({error})", stacklevel=2)
@@ -215,6 +224,118 @@ class ImageDataset(Dataset):
                                 f"(e.g. {self.paths[index]})")
         # the label goes with the image actually read, never with the one skipped
         return sample, self.labels[index_read]
+
+
+# ----------------------------------------------------------------------------
+# decoded-image cache: train images decoded once, then memory-mapped by every worker and rank
+
+def cached_size(width, height, size):
+    """The cached size of a width x height image: shorter side `size`, never enlarged."""
+    short = min(width, height)
+    if short <= size:
+        return width, height
+    return max(1, round(width * size / short)), max(1, round(height * size / short))
+
+
+def image_size(path):
+    with Image.open(path) as img:
+        return img.size
+
+
+def decode_resized(path, size):
+    """The image at `path` as RGB at exactly `size` (width, height), from a reduced JPEG decode where
+    one keeps at least that size, then PIL's antialiased bilinear resize."""
+    size = tuple(int(v) for v in size)
+    try:
+        with Image.open(path) as img:
+            img.draft("RGB", size)
+            img.load()
+            rgb = to_rgb(img)
+    except OSError as error:  # the scan read it: it changed since
+        raise UserError(f"image {path} can no longer be read ({error}); check it and run again") from error
+    return rgb if rgb.size == size else rgb.resize(size, Image.Resampling.BILINEAR)
+
+
+class DecodedCache:
+    """RGB uint8 copies of images, shorter side at most `size` px, in one file that each process
+    memory-maps (the OS shares its pages between workers and ranks): epochs after the build decode
+    nothing. Files are named by a hash of `size` and of the images' paths, byte sizes and mtimes, so
+    a changed data folder gets a new cache; an old one can be deleted at any time."""
+
+    def __init__(self, pixels_path, offsets, sizes):
+        self.pixels_path, self.offsets, self.sizes = str(pixels_path), offsets, sizes
+        self._pixels = None
+
+    def __len__(self):
+        return len(self.sizes)
+
+    def __getstate__(self):  # each worker maps the file itself: a pickled np.memmap would copy every byte
+        return {**self.__dict__, "_pixels": None}
+
+    def image(self, index):
+        """Image `index` as a read-only PIL RGB image over the mapped bytes (no copy)."""
+        if self._pixels is None:
+            self._pixels = np.memmap(self.pixels_path, dtype=np.uint8, mode="r")
+        width, height = (int(v) for v in self.sizes[index])
+        start = int(self.offsets[index])
+        return Image.frombuffer("RGB", (width, height), self._pixels[start:start + width * height * 3],
+                                "raw", "RGB", 0, 1)
+
+    @staticmethod
+    def files(paths, cache_dir, size):
+        """(pixels file, index file) of this set of images at this size."""
+        stats = [os.stat(p) for p in paths]
+        listing = [size] + [[str(Path(p).resolve()), st.st_size, st.st_mtime_ns] for p, st in zip(paths, stats)]
+        key = hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
+        stem = Path(cache_dir) / f"images-{size}px-{len(paths)}-{key}"
+        return stem.with_suffix(".u8"), stem.with_suffix(".npz")
+
+    @classmethod
+    def load(cls, paths, cache_dir, size):
+        """The cache of these images at this size, or None when it has not been built (completely)."""
+        pixels_path, index_path = cls.files(paths, cache_dir, size)
+        if not (pixels_path.is_file() and index_path.is_file()):
+            return None
+        with np.load(index_path) as index:
+            offsets, sizes = index["offsets"], index["sizes"]
+        if len(sizes) != len(paths) or pixels_path.stat().st_size != offsets[-1]:
+            return None
+        return cls(pixels_path, offsets[:-1], sizes)
+
+    @classmethod
+    def build(cls, paths, cache_dir, size, workers=None, progress=True):
+        """Load the cache, or decode every image into a new one (a thread pool: PIL releases the GIL).
+        The pixels are written to a temp file renamed into place, then the index, so that a killed
+        build leaves no cache that looks complete."""
+        cached = cls.load(paths, cache_dir, size)
+        if cached is not None:
+            return cached
+        cache_dir = Path(cache_dir)
+        check_writable(cache_dir, "--cache-dir")
+        pixels_path, index_path = cls.files(paths, cache_dir, size)
+        remove_stale_temps(cache_dir, [pixels_path.name, index_path.name])
+        with ThreadPoolExecutor(max_workers=workers or default_workers()) as pool:
+            sizes = np.array([cached_size(w, h, size) for w, h in pool.map(image_size, paths)], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(sizes[:, 0] * sizes[:, 1] * 3)])
+        free = shutil.disk_usage(cache_dir).free
+        if free < offsets[-1] * 1.05:
+            raise UserError(f"--cache-dir {cache_dir} has {free / 2**30:.1f} GiB free, but {len(paths)} images at "
+                            f"--cache-size {size} need {offsets[-1] / 2**30:.1f} GiB; free some space, choose "
+                            "another folder or a smaller --cache-size, or leave --cache-size 0 (no cache)")
+
+        def write(f):
+            with ThreadPoolExecutor(max_workers=workers or default_workers()) as pool, \
+                    tqdm(total=len(paths), desc=f"cache {size}px", unit="img", disable=None if progress else True,
+                         dynamic_ncols=True) as bar:
+                for start in range(0, len(paths), 256):  # in chunks: finished images never pile up in memory
+                    chunk = range(start, min(start + 256, len(paths)))
+                    for img in pool.map(decode_resized, [paths[i] for i in chunk], [sizes[i] for i in chunk]):
+                        f.write(img.tobytes())
+                        bar.update()
+
+        atomic_write(pixels_path, write)
+        atomic_write(index_path, lambda f: np.savez(f, offsets=offsets, sizes=sizes))
+        return cls(pixels_path, offsets[:-1], sizes)
 
 
 # ----------------------------------------------------------------------------
@@ -370,12 +491,21 @@ def warp_image(img, maps, box, img_size):
     # only the crop's pixels (every valid point falls in it) become floats
     x0, y0 = int(left), int(top)
     x1, y1 = min(math.ceil(right), img.width), min(math.ceil(bottom), img.height)
-    region = v2.functional.pil_to_tensor(img.crop((x0, y0, x1, y1)))[None].float()
+    region = torch.from_numpy(np.array(img.crop((x0, y0, x1, y1)))).permute(2, 0, 1)[None].float()
     w, h = x1 - x0, y1 - y0
-    to_region = np.array([[(right - left) / w, 0, (left - x0) / w], [0, (bottom - top) / h, (top - y0) / h],
-                          [0, 0, 1]])
-    points = map_points(torch.from_numpy(to_region @ maps[0]).float()[None, None], img_size)[:, 0]
-    return sample_bilinear(region, points)[0].mul_(torch.from_numpy(valid_region(maps, img_size)))
+    # output point -> grid_sample's coordinates (-1..1 across the region), one 3x3 product
+    to_grid = np.array([[2 * (right - left) / w, 0, 2 * (left - x0) / w - 1],
+                        [0, 2 * (bottom - top) / h, 2 * (top - y0) / h - 1], [0, 0, 1]]) @ maps[0]
+    # the points of one image as outer sums of pixel centres: cheaper than map_points' general product
+    m = to_grid.tolist()
+    centres = (torch.arange(img_size, dtype=torch.float32) + 0.5) / img_size
+    row, col = centres[:, None], centres[None, :]
+    denominator = col * m[2][0] + (row * m[2][1] + m[2][2])
+    grid = torch.empty(1, img_size, img_size, 2)
+    torch.div(col * m[0][0] + (row * m[0][1] + m[0][2]), denominator, out=grid[0, ..., 0])
+    torch.div(col * m[1][0] + (row * m[1][1] + m[1][2]), denominator, out=grid[0, ..., 1])
+    out = F.grid_sample(region, grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
+    return out.mul_(torch.from_numpy(valid_region(maps, img_size)))
 
 
 class FusedTrainTransform:
@@ -392,17 +522,24 @@ class FusedTrainTransform:
     def __init__(self, img_size, *, mean=IMAGENET_MEAN, std=IMAGENET_STD, device_warp=False):
         self.img_size, self.mean, self.std, self.device_warp = img_size, tuple(mean), tuple(std), device_warp
 
-    def __call__(self, path):
-        with Image.open(path) as img:
+    def __call__(self, source):
+        """source: a file's path (decoded here, at reduced size where the crop allows it), or a decoded
+        RGB PIL image (from a DecodedCache)."""
+        if isinstance(source, Image.Image):
+            params = sample_train_params(source.width, source.height, self.img_size)
+            return self.warp(source, params, scale=1.0)
+        with Image.open(source) as img:
             params = sample_train_params(img.width, img.height, self.img_size)
             scale = draft_for_crop(img, params, self.img_size)
             img.load()
-            rgb = img if img.mode == "RGB" else to_rgb(img)  # most JPEGs: read in place, no copy
-            maps, box = train_maps(params, self.img_size), crop_box(params, scale)
-            if self.device_warp:
-                crop = rgb.resize((self.img_size, self.img_size), Image.Resampling.BILINEAR, box=box)
-                return v2.functional.pil_to_tensor(crop), torch.from_numpy(maps).float()
-            return normalize_255(warp_image(rgb, maps, box, self.img_size), self.mean, self.std)
+            return self.warp(img if img.mode == "RGB" else to_rgb(img), params, scale)  # most JPEGs: no copy
+
+    def warp(self, rgb, params, scale):
+        maps, box = train_maps(params, self.img_size), crop_box(params, scale)
+        if self.device_warp:
+            crop = rgb.resize((self.img_size, self.img_size), Image.Resampling.BILINEAR, box=box)
+            return v2.functional.pil_to_tensor(crop), torch.from_numpy(maps).float()
+        return normalize_255(warp_image(rgb, maps, box, self.img_size), self.mean, self.std)
 
 
 def warp_batch(images, maps, img_size, *, mean=IMAGENET_MEAN, std=IMAGENET_STD):

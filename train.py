@@ -30,7 +30,7 @@ import utils
 from utils import UserError
 
 # flags that may differ when a run is resumed; every other flag comes from the checkpoint
-RUNTIME_FLAGS = ("data_dir", "out_dir", "resume", "workers", "device", "stop_after", "save_every",
+RUNTIME_FLAGS = ("data_dir", "out_dir", "cache_dir", "resume", "workers", "device", "stop_after", "save_every",
                  "log_every", "compile", "detect_anomaly", "strict")
 ARTEFACTS = ("last.pt", "best.pt", "history.csv", "config.json", "curves.png")  # what a run writes in --out-dir
 
@@ -58,6 +58,11 @@ def get_args_parser():
     parser.add_argument("--aug", default="report", choices=data.TRAIN_AUGS, help="train augmentation: report "
                         "(the report's chain), fused (the same random maps as one warp from a reduced JPEG "
                         "decode), fused-gpu (that warp done on the device for the whole batch)")
+    parser.add_argument("--cache-size", type=int, default=0, help="decode each train image once, shorter side "
+                        "at most this many px (e.g. 2x --img-size), into --cache-dir; epochs read that instead "
+                        "of the files (0: off)")
+    parser.add_argument("--cache-dir", type=Path, default=Path("runs/cache"), help="where --cache-size keeps "
+                        "its files (one set per data folder and size, shared by the members; safe to delete)")
     parser.add_argument("--unfreeze", default=models.DEFAULT_UNFREEZE, help="resnext_freeze: EPOCH:STAGE[+STAGE] "
                         "list; after EPOCH those stages train too; the cosine restarts at each section")
     parser.add_argument("--freeze-bn-stats", action="store_true", help="resnext_freeze: keep running BatchNorm "
@@ -223,7 +228,20 @@ def main():
                         f"({len(ckpt['class_names'])} vs {len(class_names)} classes, or another order)")
     mean, std = data.IMAGENET_MEAN, data.IMAGENET_STD
     train_pipeline = data.train_transform(args.img_size, aug=args.aug, mean=mean, std=std)
-    train_set = data.ImageDataset(train_paths, train_labels, train_pipeline)
+    cache = None
+    if args.cache_size != 0 and args.cache_size < args.img_size:
+        raise UserError(f"--cache-size {args.cache_size} is below --img-size {args.img_size}, so every crop would "
+                        f"be enlarged; use 0 (no cache) or at least {args.img_size} (2x keeps most crops sharp)")
+    if args.cache_size > 0:  # each node's first process builds it, the others then open it
+        if local_rank == 0:
+            cache = data.DecodedCache.build(train_paths, args.cache_dir, args.cache_size, progress=is_main)
+        if dist.is_initialized():
+            dist.barrier()
+        if cache is None:
+            cache = data.DecodedCache.load(train_paths, args.cache_dir, args.cache_size)
+        if cache is None:
+            raise UserError(f"--cache-dir {args.cache_dir} must be one folder for all the processes of a node")
+    train_set = data.ImageDataset(train_paths, train_labels, train_pipeline, cache)
     val_set = data.ImageDataset(val_paths, val_labels, data.eval_transform(args.img_size, mean=mean, std=std))
     workers = data.default_workers(world_size) if args.workers < 0 else args.workers
     sampler = data.TrainBatchSampler(len(train_set), args.batch_size, args.seed, rank, world_size)
@@ -271,8 +289,8 @@ def main():
                 utils.atomic_link(args.resume, out_dir / "best.pt")
             write_history(out_dir, history, f"{args.model} ({args.arch})", [a for a, _ in sections[1:]])
 
-    config = dict(vars(args), out_dir=str(out_dir), data_dir=str(args.data_dir), resume=args.resume,
-                  world_size=world_size, device=str(device), precision=precision, workers=workers,
+    config = dict(vars(args), out_dir=str(out_dir), data_dir=str(args.data_dir), cache_dir=str(args.cache_dir),
+                  resume=args.resume, world_size=world_size, device=str(device), precision=precision, workers=workers,
                   num_classes=len(class_names), train_images=len(train_set), val_images=len(val_set),
                   steps_per_epoch=steps_per_epoch, peak_lr=args.lr * args.batch_size / 32,
                   params=models.count_params(model))

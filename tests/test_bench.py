@@ -28,3 +28,17 @@ def test_ensemble_prints_times_and_their_ratios():
     row = rows[-1]
     assert row["members"] == 3 and row["train_images"] == 2 * 16 and row["epochs"] == 2
     assert set(ratios(row)) == {"head_epochs_ratio", "speedup_ratio"} and all(v > 0 for v in ratios(row).values())
+
+
+def test_data_prints_per_core_and_loader_rates_with_the_cache():
+    rows = json_rows("data", "--files", "32", "--img-size", "32", "--seconds", "0.05", "--workers", "1")
+    assert [(row["bench"], row.get("mode")) for row in rows] == [
+        ("env", None), ("data", "one process, per CPU-second"), ("data", "1 DataLoader workers")]
+    per_core, loader = rows[1], rows[2]
+    assert per_core["cache_size"] == 64 and per_core["cache_build_img_s"] > 0 and per_core["cache_megabytes"] > 0
+    assert set(ratios(per_core)) == {"fused_over_report_ratio", "fused_gpu_worker_over_report_ratio",
+                                     "fused_cached_over_report_ratio", "draft_decode_only_over_report_ratio",
+                                     "wall_fused_over_report_ratio"}
+    assert set(ratios(loader)) == {"fused_over_report_ratio", "fused_gpu_worker_over_report_ratio",
+                                   "fused_cached_over_report_ratio"}
+    assert all(value > 0 for value in [*ratios(per_core).values(), *ratios(loader).values()])
