@@ -71,6 +71,11 @@ def report_transform(img_size):
     ])
 
 
+def report_eval_transform(img_size):
+    return v2.Compose([v2.Resize((img_size, img_size)), v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
+                       v2.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)])
+
+
 class ReportDataset(Dataset):
     def __init__(self, paths, labels, img_size):
         self.paths, self.labels, self.transform = [str(p) for p in paths], list(labels), report_transform(img_size)
@@ -545,7 +550,7 @@ def measure_gpu(args, device):
 
 def report_predict(model, paths, img_size):
     """The report's inference: each test image opened with PIL, the eval transform, one forward pass each."""
-    transform = data.eval_transform(img_size)
+    transform = report_eval_transform(img_size)
     model.to(memory_format=torch.contiguous_format).eval()
     with torch.no_grad():
         return torch.cat([model(transform(report_loader(path)).unsqueeze(0)) for path in paths])
@@ -560,17 +565,22 @@ def run_predict(args):
     with tempfile.TemporaryDirectory() as tmp:
         paths, _, files = bench_files(args, tmp)
         paths = paths[:args.files]
+
+        def project_predict(images):
+            return predict.predict_logits(model, images, img_size=args.img_size, mean=data.IMAGENET_MEAN,
+                                          std=data.IMAGENET_STD, device=device, precision=precision,
+                                          channels_last=defaults.channels_last == "on",
+                                          batch_size=defaults.batch_size, workers=workers, progress=False)
+
         model = models.build_model("resnext", args.arch, 100, weights="none").eval()
-        with torch.no_grad():  # first-call allocations out of both timings
-            model(torch.randn(2, 3, args.img_size, args.img_size))
+        # both warm: first-call allocations and oneDNN's kernels for each batch shape out of the timings
+        report_predict(model, paths[:1], args.img_size)
+        project_predict(paths[:defaults.batch_size] * -(-defaults.batch_size // len(paths)))
         start = time.perf_counter()
         report = report_predict(model, paths, args.img_size)
         report_s = time.perf_counter() - start
         start = time.perf_counter()
-        project = predict.predict_logits(model, paths, img_size=args.img_size, mean=data.IMAGENET_MEAN,
-                                         std=data.IMAGENET_STD, device=device, precision=precision,
-                                         channels_last=defaults.channels_last == "on",
-                                         batch_size=defaults.batch_size, workers=workers, progress=False)
+        project = project_predict(paths)
         project_s = time.perf_counter() - start
     emit({"bench": "predict", "arch": args.arch, "img_size": args.img_size, "precision": precision,
           "batch_size": defaults.batch_size, "workers": workers, **files, "images": len(paths),
@@ -708,7 +718,7 @@ def get_args_parser():
                        "the report's per-image loop (PIL open, eval transform, one fp32 forward per image)")
     p.add_argument("--data-dir", type=Path, help="use the first --images of DATA/train/<class>/* instead of "
                    "generated JPEGs")
-    p.add_argument("--images", dest="files", metavar="N", type=int, default=64, help="how many images to predict")
+    p.add_argument("--images", dest="files", metavar="N", type=int, default=256, help="how many images to predict")
     p.add_argument("--arch", default="resnet18", help="timm ResNet-family network (random init, 100 classes)")
     p.add_argument("--img-size", type=int, default=224, help="eval image size")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),

@@ -84,6 +84,10 @@ def atomic_save_torch(obj, path):
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
+def atomic_save_npz(path, **arrays):
+    atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
 def atomic_write_text(path, text):
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 

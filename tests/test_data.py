@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 from torch.utils.data import DataLoader
 
 import data
@@ -243,6 +243,18 @@ def test_eval_transform_uses_given_mean_and_std(tmp_path):
     x, label = data.ImageDataset([path], None, data.eval_transform(8, mean=(0.5,) * 3, std=(0.25,) * 3))[0]
     assert label == -1
     torch.testing.assert_close(x, torch.full((3, 8, 8), -2.0), rtol=0, atol=0)
+
+
+def test_eval_transform_decodes_jpegs_at_reduced_size(tmp_path):
+    path = write_image(tmp_path / "photo.jpg", noise_image((900, 500), seed=3).filter(ImageFilter.GaussianBlur(2)))
+    transform = data.eval_transform(112)
+    assert data.load_rgb(path, 112).size == (225, 125)  # 1/4: the largest DCT scale keeping 112 px each way
+    from_path = transform(path)
+    torch.testing.assert_close(from_path, transform.pipeline(data.load_rgb(path, 112)), rtol=0, atol=0)
+    full = transform(data.load_rgb(path))  # a decoded image is used as it is
+    assert from_path.shape == full.shape == (3, 112, 112)
+    levels = (from_path - full).abs() * torch.tensor(data.IMAGENET_STD)[:, None, None] * 255
+    assert levels.mean() < 1 and levels.max() < 16
 
 
 def test_seeded_items_are_pure_functions_of_the_seed(tmp_path):

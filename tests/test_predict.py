@@ -47,7 +47,7 @@ def one_by_one(ckpt_path, paths, flip=False):
     ckpt = utils.load_checkpoint(ckpt_path)
     model = models.model_from_checkpoint(ckpt)
     transform = data.eval_transform(ckpt["img_size"], mean=ckpt["mean"], std=ckpt["std"])
-    images = torch.stack([transform(data.load_rgb(path)) for path in paths])
+    images = torch.stack([transform(path) for path in paths])
     with torch.no_grad():
         return model(images.flip(-1) if flip else images)
 
