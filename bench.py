@@ -200,6 +200,23 @@ def loader_rate(loader, seconds, set_epoch=None):
     return count / (time.perf_counter() - start)
 
 
+def enlarged_crops(paths, cache, img_size, draws=20):
+    """The fraction of RandomResizedCrop's crops (draws per image) whose shorter side is under img_size,
+    so that the crop is enlarged: drawn on the files' own sizes and on the cached ones."""
+    generator_state = torch.get_rng_state()
+    torch.manual_seed(0)
+    counts = {"original": 0, "cached": 0}
+    for index, path in enumerate(paths[:256]):
+        sizes = {"original": data.image_size(path), "cached": tuple(cache.sizes[index])}
+        for name, (width, height) in sizes.items():
+            for _ in range(draws):
+                params = data.sample_train_params(width, height, img_size)
+                counts[name] += min(params["width"], params["height"]) < img_size
+    torch.set_rng_state(generator_state)
+    total = draws * min(len(paths), 256)
+    return {f"enlarged_crops_{name}_fraction": round(count / total, 3) for name, count in counts.items()}
+
+
 def run_data(args):
     emit(environment(torch.device("cpu")))
     with tempfile.TemporaryDirectory() as tmp:
@@ -209,9 +226,9 @@ def run_data(args):
         size = args.img_size
         report_chain, fused = report_transform(size), data.train_transform(size, aug="fused")
         fused_gpu = data.train_transform(size, aug="fused-gpu")
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()  # process time: all its threads
         cache = data.DecodedCache.build(paths, Path(tmp) / "cache", args.cache_size, progress=False)
-        cache_build_s = time.perf_counter() - start
+        cache_build_s, cache_build_cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
         index_of = {str(p): i for i, p in enumerate(paths)}
         pipelines = {"decode_only": report_loader, "draft_decode_only": lambda p: draft_decode(p, size),
                      "report": lambda p: report_chain(report_loader(p)), "fused": fused,
@@ -228,7 +245,13 @@ def run_data(args):
               "wall_fused_over_report_ratio": round(wall_rates["fused"] / wall_rates["report"], 2),
               # a one-off before the first epoch, on data.default_workers() threads
               "cache_build_img_s": round(len(paths) / cache_build_s, 1),
-              "cache_megabytes": round(Path(cache.pixels_path).stat().st_size / 2**20, 1)})
+              "cache_megabytes": round(Path(cache.pixels_path).stat().st_size / 2**20, 1),
+              # a whole run of the report's 50 epochs per core: the cache's build (CPU time of all its
+              # threads), then 50 epochs from it, against 50 epochs of the report's chain
+              "fused_cached_50_epochs_over_report_ratio": round(
+                  REPORT_EPOCHS / cpu_rates["report"]
+                  / (cache_build_cpu_s / len(paths) + REPORT_EPOCHS / cpu_rates["fused_cached"]), 2),
+              **enlarged_crops(paths, cache, size)})
 
         workers = args.workers if args.workers > 0 else data.default_workers()
         # epochs of 8 batches per worker or more, so that the workers rarely wait at an epoch's end

@@ -38,7 +38,9 @@ def test_data_prints_per_core_and_loader_rates_with_the_cache():
     assert per_core["cache_size"] == 64 and per_core["cache_build_img_s"] > 0 and per_core["cache_megabytes"] > 0
     assert set(ratios(per_core)) == {"fused_over_report_ratio", "fused_gpu_worker_over_report_ratio",
                                      "fused_cached_over_report_ratio", "draft_decode_only_over_report_ratio",
-                                     "wall_fused_over_report_ratio"}
+                                     "wall_fused_over_report_ratio", "fused_cached_50_epochs_over_report_ratio"}
+    # 32 px crops of 500-1000 px files are never enlarged; from the 64 px cache some are
+    assert per_core["enlarged_crops_original_fraction"] == 0 < per_core["enlarged_crops_cached_fraction"] < 1
     assert set(ratios(loader)) == {"fused_over_report_ratio", "fused_gpu_worker_over_report_ratio",
                                    "fused_cached_over_report_ratio"}
     assert all(value > 0 for value in [*ratios(per_core).values(), *ratios(loader).values()])
