@@ -417,7 +417,7 @@ def run_train(args):
         num_classes = max(labels) + 1
         model = models.build_model("resnext", args.arch, num_classes, weights="none").to(device)
         initial = {k: v.clone() for k, v in model.state_dict().items()}
-        workers = args.workers if args.workers > 0 else data.default_workers()
+        workers = data.loader_workers(args.workers, device)
         common = {"arch": args.arch, "img_size": args.img_size, "batch_size": args.batch_size, "steps": args.steps,
                   "device": str(device), "precision": precision, **files}
 
@@ -434,10 +434,14 @@ def run_train(args):
              for kind in ("report", "project")}, args.steps, args.warmup, device)
         aug = "fused-gpu" if device.type == "cuda" else "fused"
         loader, sampler = project_loader(paths, labels, args.img_size, device, workers, args.batch_size, aug)
-        real = {"report": step_rate(fresh_step("report"), report_loader_batches(paths, labels, args.img_size),
-                                    args.steps, args.warmup, device),
-                "project": step_rate(fresh_step("project"), loader_batches(loader, sampler.set_epoch),
-                                     args.steps, args.warmup, device)}
+        # report, project, project, report: a load that drifts during the run slows both alike (the
+        # loops cannot take turns step by step: the project's workers would decode ahead meanwhile)
+        steps = {"report": fresh_step("report"), "project": fresh_step("project")}
+        batches = {"report": report_loader_batches(paths, labels, args.img_size),
+                   "project": loader_batches(loader, sampler.set_epoch)}
+        real = dict.fromkeys(steps, 0.0)
+        for kind in ("report", "project", "project", "report"):
+            real[kind] += step_rate(steps[kind], batches[kind], args.steps, args.warmup, device) / 2
         emit({"bench": "train", **common, "workers": workers,
               "synthetic_report_img_s": round(synthetic["report"], 2),
               "synthetic_project_img_s": round(synthetic["project"], 2),
@@ -488,7 +492,7 @@ def measure_gpu(args, device):
         num_classes = max(labels) + 1
         model = models.build_model("resnext", args.arch, num_classes, weights="none").to(device)
         initial = {k: v.clone() for k, v in model.state_dict().items()}
-        workers = args.workers if args.workers > 0 else data.default_workers()
+        workers = data.loader_workers(args.workers, device)
         common = {"arch": args.arch, "img_size": args.img_size, "batch_size": args.batch_size,
                   "precision": precision, "workers": workers, **files}
 
@@ -583,7 +587,7 @@ def run_predict(args):
     device = torch.device("cpu")
     defaults = predict.get_args_parser().parse_args([])
     precision = utils.resolve_precision(args.precision, device)
-    workers = data.default_workers() if defaults.workers < 0 else defaults.workers
+    workers = data.loader_workers(defaults.workers, device)
     emit(environment(device))
     with tempfile.TemporaryDirectory() as tmp:
         paths, _, files = bench_files(args, tmp)
@@ -674,7 +678,7 @@ def report_ensemble(members, data_dir, epochs, workers):
 
 def run_ensemble(args):
     emit(environment(torch.device("cpu")))
-    workers = data.default_workers() if args.workers < 0 else args.workers
+    workers = data.loader_workers(args.workers, torch.device("cpu"))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         data_dir = args.data_dir or data.make_demo(tmp / "data", train_per_class=args.train_per_class,
@@ -705,7 +709,8 @@ def get_args_parser():
         p.add_argument("--data-dir", type=Path, help="use DATA/train/<class>/* instead of generated JPEGs")
         p.add_argument("--files", type=int, default=files, help="how many JPEGs to generate without --data-dir")
         p.add_argument("--img-size", type=int, default=img_size, help="output (train) image size")
-        p.add_argument("--workers", type=int, default=-1, help="DataLoader workers (-1: from CPUs, as train.py)")
+        p.add_argument("--workers", type=int, default=-1, help="DataLoader workers (-1: as train.py: "
+                       "0 on the CPU, else one per core; data: one per core)")
         return p
 
     p = add("data", "train pipeline images/s: the report's chain against the fused one", files=64)
@@ -757,7 +762,8 @@ def get_args_parser():
     p.add_argument("--arch", default="resnet10t", help="timm ResNet-family network of the members (random init)")
     p.add_argument("--img-size", type=int, default=32, help="the members' image size")
     p.add_argument("--epochs", type=int, default=REPORT_ENSEMBLE_EPOCHS, help="head epochs of both methods")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader workers of both methods (-1: from CPUs)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers of both methods "
+                   "(-1: as ensemble.py)")
     return parser
 
 

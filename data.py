@@ -622,6 +622,15 @@ def default_workers(local_world_size=1):
     return max(1, min(16, cpus // local_world_size))
 
 
+def loader_workers(flag, device, local_world_size=1):
+    """--workers: the value given, or for -1 default_workers() beside an accelerator and 0 on the CPU,
+    where the model already uses every core and workers would only compete with it (BENCHMARKS.md:
+    training 0.85x with 2 workers on 2 cores, 1.17x with none, against the report's loop)."""
+    if flag >= 0:
+        return flag
+    return 0 if device.type == "cpu" else default_workers(local_world_size)
+
+
 def make_loader(dataset, *, device, workers, batch_size=None, batch_sampler=None):
     """Train loaders take a batch_sampler; evaluation loaders a batch_size (in order, no shuffle)."""
     batching = {"batch_sampler": batch_sampler} if batch_sampler is not None else {"batch_size": batch_size}

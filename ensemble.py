@@ -51,7 +51,8 @@ def get_args_parser():
                         "the plain logit average the head starts from")
     parser.add_argument("--head-batch-size", type=int, default=64, help="head mini-batch (rows of logits)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per batch for the member forward passes")
-    parser.add_argument("--workers", type=int, default=-1, help="DataLoader workers (-1: from CPUs)")
+    parser.add_argument("--workers", type=int, default=-1, help="DataLoader workers (-1: 0 on the CPU, "
+                        "else one per core)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="device")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                         help="member forward passes; auto: bf16 on GPUs that have it, else fp16; fp32 on CPU")
@@ -244,7 +245,7 @@ def main(argv=None):
     precision = utils.resolve_precision(args.precision, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    workers = data.default_workers() if args.workers < 0 else args.workers
+    workers = data.loader_workers(args.workers, device)
     member_paths = [Path(path) for path in args.members]  # argparse leaves a list default as strings
     check_members_exist(member_paths, defaults=args.members == DEFAULT_MEMBERS)
     utils.check_writable(args.out_dir)

@@ -46,7 +46,7 @@ def get_args_parser():
                         "with a warning; without it they are an error, since a submission must be complete")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     parser.add_argument("--workers", type=int, default=-1, help="DataLoader workers decoding images "
-                        "(-1: from CPUs)")
+                        "(-1: 0 on the CPU, else one per core)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="device")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                         help="auto: bf16 on GPUs that have it, else fp16 on GPU; fp32 on CPU (bf16 there is "
@@ -189,7 +189,7 @@ def main():
 
     # --------------------------------------------------------------- inference
     model = models.model_from_checkpoint(ckpt)  # built once every input is known to be fine
-    workers = data.default_workers() if args.workers < 0 else args.workers
+    workers = data.loader_workers(args.workers, device)
     print(f"{ckpt['kind']} checkpoint {args.checkpoint} ({len(class_names)} classes, {ckpt['img_size']} px) on "
           f"{device} [{precision}]; {len(paths)} test images from {test_dir}; TTA {args.tta}")
     logits = predict_logits(model, paths, img_size=ckpt["img_size"], mean=ckpt["mean"], std=ckpt["std"],

@@ -52,7 +52,8 @@ def get_args_parser():
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
                         help="device of the best model's val predictions")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
-    parser.add_argument("--workers", type=int, default=-1, help="DataLoader workers (-1: from CPUs)")
+    parser.add_argument("--workers", type=int, default=-1, help="DataLoader workers (-1: 0 on the CPU, "
+                        "else one per core)")
     return parser
 
 
@@ -453,7 +454,7 @@ def main(argv=None):
     best = None
     if best_run is not None:
         device = utils.resolve_device(args.device)
-        workers = data.default_workers() if args.workers < 0 else args.workers
+        workers = data.loader_workers(args.workers, device)
         print(f"best model: {best_run['name']} ({best_run['best_val_acc']:.2f}); predicting {data_dir / 'val'} "
               f"on {device}")
         paths, labels, probs, class_names = predict_val(best_run, data_dir, device, args.batch_size, workers)

@@ -70,7 +70,8 @@ def get_args_parser():
     parser.add_argument("--ema", action="store_true", help="keep an EMA of the weights, evaluated and saved too")
     parser.add_argument("--ema-decay", type=float, default=0.9998, help="EMA decay per step")
     parser.add_argument("--seed", type=int, default=0, help="random seed (data order, augmentation, init)")
-    parser.add_argument("--workers", type=int, default=-1, help="DataLoader workers per process (-1: from CPUs)")
+    parser.add_argument("--workers", type=int, default=-1, help="DataLoader workers per process (-1: 0 on "
+                        "the CPU, else one per core of this process's share)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="device")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                         help="auto: bf16 on GPUs that have it, else fp16 with a scaler; fp32 on CPU")
@@ -243,7 +244,7 @@ def main():
             raise UserError(f"--cache-dir {args.cache_dir} must be one folder for all the processes of a node")
     train_set = data.ImageDataset(train_paths, train_labels, train_pipeline, cache)
     val_set = data.ImageDataset(val_paths, val_labels, data.eval_transform(args.img_size, mean=mean, std=std))
-    workers = data.default_workers(world_size) if args.workers < 0 else args.workers
+    workers = data.loader_workers(args.workers, device, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
     sampler = data.TrainBatchSampler(len(train_set), args.batch_size, args.seed, rank, world_size)
     train_loader = data.make_loader(train_set, device=device, workers=workers, batch_sampler=sampler)
     val_loader = data.make_loader(data.shard(val_set, rank, world_size), device=device, workers=workers,

@@ -405,3 +405,11 @@ def test_make_demo_cli_refuses_a_file(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["data.py", "make-demo", str(tmp_path / "file")])
     with pytest.raises(UserError, match="file"):
         data.main()
+
+
+def test_loader_workers_default_to_none_on_the_cpu(monkeypatch):
+    monkeypatch.setattr(data, "default_workers", lambda local_world_size=1: 12 // local_world_size)
+    assert data.loader_workers(-1, torch.device("cpu")) == 0
+    assert data.loader_workers(-1, torch.device("cuda", 1), local_world_size=4) == 3
+    assert data.loader_workers(-1, torch.device("mps")) == 12
+    assert data.loader_workers(3, torch.device("cpu")) == 3 and data.loader_workers(0, torch.device("cuda")) == 0
