@@ -588,6 +588,7 @@ def run_predict(args):
     defaults = predict.get_args_parser().parse_args([])
     precision = utils.resolve_precision(args.precision, device)
     workers = data.loader_workers(defaults.workers, device)
+    batch_size = utils.resolve_batch_size(defaults.batch_size, device)
     emit(environment(device))
     with tempfile.TemporaryDirectory() as tmp:
         paths, _, files = bench_files(args, tmp)
@@ -597,24 +598,44 @@ def run_predict(args):
             return predict.predict_logits(model, images, img_size=args.img_size, mean=data.IMAGENET_MEAN,
                                           std=data.IMAGENET_STD, device=device, precision=precision,
                                           channels_last=defaults.channels_last == "on",
-                                          batch_size=defaults.batch_size, workers=workers, progress=False)
+                                          batch_size=batch_size, workers=workers, progress=False)
 
         model = models.build_model("resnext", args.arch, 100, weights="none").eval()
         # both warm: first-call allocations and oneDNN's kernels for each batch shape out of the timings
         report_predict(model, paths[:1], args.img_size)
-        project_predict(paths[:defaults.batch_size] * -(-defaults.batch_size // len(paths)))
+        project_predict(paths[:batch_size] * -(-batch_size // len(paths)))
         start = time.perf_counter()
         report = report_predict(model, paths, args.img_size)
         report_s = time.perf_counter() - start
         start = time.perf_counter()
         project = project_predict(paths)
         project_s = time.perf_counter() - start
+        forward_batched = forward_rate(model, len(paths), batch_size, args.img_size, precision,
+                                       defaults.channels_last == "on")
     emit({"bench": "predict", "arch": args.arch, "img_size": args.img_size, "precision": precision,
-          "batch_size": defaults.batch_size, "workers": workers, **files, "images": len(paths),
+          "batch_size": batch_size, "workers": workers, **files, "images": len(paths),
           "report_images_per_s": round(len(paths) / report_s, 2),
           "project_images_per_s": round(len(paths) / project_s, 2),
           "same_argmax_fraction": round((report.argmax(1) == project.argmax(1)).float().mean().item(), 3),
-          "speed_ratio": round(report_s / project_s, 2)})
+          "speed_ratio": round(report_s / project_s, 2),
+          # the model alone on in-memory batches, as predict runs it: what predict would reach if
+          # reading and decoding the files cost nothing; no input pipeline can beat this ratio
+          "forward_batched_images_per_s": round(forward_batched, 2),
+          "ceiling_ratio": round(forward_batched * report_s / len(paths), 2)})
+
+
+def forward_rate(model, images, batch_size, img_size, precision, channels_last):
+    """Images/s of the model's forward pass alone over `images` random images in batches."""
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model.to(memory_format=memory_format).eval()
+    batch = torch.randn(batch_size, 3, img_size, img_size).contiguous(memory_format=memory_format)
+    device = torch.device("cpu")
+    with torch.inference_mode(), utils.autocast(device, precision):
+        model(batch)
+        start = time.perf_counter()
+        for done in range(0, images, batch_size):
+            model(batch[:min(batch_size, images - done)])
+    return images / (time.perf_counter() - start)
 
 
 # ----------------------------------------------------------------------------

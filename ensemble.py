@@ -31,7 +31,7 @@ import utils
 from utils import UserError
 
 DEFAULT_MEMBERS = [f"runs/{name}/best.pt" for name in models.MODEL_NAMES]
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: val images decoded at reduced JPEG scale (data.EvalTransform)
 
 
 def get_args_parser():
@@ -50,7 +50,8 @@ def get_args_parser():
     parser.add_argument("--weight-decay", type=float, default=1.0, help="head weight decay, decoupled, towards "
                         "the plain logit average the head starts from")
     parser.add_argument("--head-batch-size", type=int, default=64, help="head mini-batch (rows of logits)")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per batch for the member forward passes")
+    parser.add_argument("--batch-size", type=int, default=-1, help="images per member forward pass (-1: 64 on a "
+                        "GPU, 8 on the CPU, where bigger batches run slower)")
     parser.add_argument("--workers", type=int, default=-1, help="DataLoader workers (-1: 0 on the CPU, "
                         "else one per core)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="device")
@@ -64,7 +65,7 @@ def check_args(args):
     if len(args.members) < 2:
         raise UserError(f"--members lists {len(args.members)} checkpoint; an ensemble needs two or more")
     for flag, value, low in (("--views", args.views, 1), ("--epochs", args.epochs, 0),
-                             ("--head-batch-size", args.head_batch_size, 1), ("--batch-size", args.batch_size, 1)):
+                             ("--head-batch-size", args.head_batch_size, 1)):
         if value < low:
             raise UserError(f"{flag} {value} must be at least {low}")
     if not args.lr > 0 or args.weight_decay < 0:
@@ -275,7 +276,8 @@ def main(argv=None):
     if todo:
         print(f"logits cache: reused for {len(members) - len(todo)} of {len(members)} members; computing the "
               f"logits of {', '.join(m['source'] for m in todo)}")
-        cached.update(member_logits(todo, train_set, val_set, views=args.views, batch_size=args.batch_size,
+        cached.update(member_logits(todo, train_set, val_set, views=args.views,
+                                    batch_size=utils.resolve_batch_size(args.batch_size, device),
                                     seed=args.seed, device=device, precision=precision, workers=workers))
         utils.atomic_save_torch({"format": utils.CHECKPOINT_FORMAT, "kind": "logits", "settings": settings,
                                  "members": {m["sha256"]: cached[m["sha256"]] for m in members}}, cache_path)

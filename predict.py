@@ -44,7 +44,8 @@ def get_args_parser():
     parser.add_argument("--labels", type=Path, help="CSV image_name,label of the test images: print the accuracy")
     parser.add_argument("--skip-bad", action="store_true", help="leave unreadable test images out of the CSV "
                         "with a warning; without it they are an error, since a submission must be complete")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    parser.add_argument("--batch-size", type=int, default=-1, help="images per forward pass (-1: 64 on a GPU, 8 on the "
+                        "CPU, where bigger batches run slower)")
     parser.add_argument("--workers", type=int, default=-1, help="DataLoader workers decoding images "
                         "(-1: 0 on the CPU, else one per core)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="device")
@@ -160,13 +161,12 @@ def check_submission(frame, stems, class_names):
 def main():
     utils.refuse_distributed("predict.py")
     args = get_args_parser().parse_args()
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size {args.batch_size} must be at least 1")
     test_dir = args.test_dir or args.data_dir / "test"
     utils.check_writable(args.out.parent, "--out")
     utils.check_writable(args.zip.parent, "--zip")
     device = utils.resolve_device(args.device)
     precision = utils.resolve_precision(args.precision, device)
+    batch_size = utils.resolve_batch_size(args.batch_size, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
@@ -194,7 +194,7 @@ def main():
           f"{device} [{precision}]; {len(paths)} test images from {test_dir}; TTA {args.tta}")
     logits = predict_logits(model, paths, img_size=ckpt["img_size"], mean=ckpt["mean"], std=ckpt["std"],
                             device=device, precision=precision, channels_last=args.channels_last == "on",
-                            batch_size=args.batch_size, workers=workers, tta=args.tta)
+                            batch_size=batch_size, workers=workers, tta=args.tta)
 
     # ------------------------------------------------------------------ write
     frame = pd.DataFrame({"image_name": stems, "pred_label": labels_of(logits, class_names)})

@@ -51,7 +51,8 @@ def get_args_parser():
                         "other files go beside it")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
                         help="device of the best model's val predictions")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    parser.add_argument("--batch-size", type=int, default=-1, help="images per forward pass (-1: 64 on a GPU, 8 on the "
+                        "CPU, where bigger batches run slower)")
     parser.add_argument("--workers", type=int, default=-1, help="DataLoader workers (-1: 0 on the CPU, "
                         "else one per core)")
     return parser
@@ -412,8 +413,6 @@ def render(runs_dir, runs, summary, files, best, notes):
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size {args.batch_size} must be at least 1")
     if not args.runs.is_dir():
         raise UserError(f"runs folder {args.runs} does not exist; give the folder that holds the run folders")
     out = args.out or args.runs / "report.md"
@@ -457,7 +456,8 @@ def main(argv=None):
         workers = data.loader_workers(args.workers, device)
         print(f"best model: {best_run['name']} ({best_run['best_val_acc']:.2f}); predicting {data_dir / 'val'} "
               f"on {device}")
-        paths, labels, probs, class_names = predict_val(best_run, data_dir, device, args.batch_size, workers)
+        batch_size = utils.resolve_batch_size(args.batch_size, device)
+        paths, labels, probs, class_names = predict_val(best_run, data_dir, device, batch_size, workers)
         confidence, preds = probs.max(1)
         matrix = confusion_matrix(labels.numpy(), preds.numpy(), len(class_names))
         wrong = (preds != labels).nonzero().flatten()

@@ -232,6 +232,16 @@ def resolve_precision(name, device):
     return name
 
 
+def resolve_batch_size(flag, device):
+    """Inference --batch-size: the value given, or for -1 64 on a GPU and 8 on the CPU, where bigger
+    batches spill out of the caches and run slower (BENCHMARKS.md: ResNets fastest at 4-8)."""
+    if flag == -1:
+        return 8 if device.type == "cpu" else 64
+    if flag < 1:
+        raise UserError(f"--batch-size {flag} must be at least 1 (or -1: 64 on a GPU, 8 on the CPU)")
+    return flag
+
+
 def autocast(device, precision):
     if precision == "fp32":
         return nullcontext()

@@ -19,7 +19,8 @@ def test_predict_prints_rates_and_their_ratio():
     row = rows[-1]
     assert row["images"] == 4 and row["report_images_per_s"] > 0 and row["project_images_per_s"] > 0
     # the two paths compute the same predictions (up to rare near-ties of the random-weight logits)
-    assert row["same_argmax_fraction"] >= 0.75 and ratios(row)["speed_ratio"] > 0
+    assert row["same_argmax_fraction"] >= 0.75 and row["forward_batched_images_per_s"] > 0
+    assert set(ratios(row)) == {"speed_ratio", "ceiling_ratio"} and min(ratios(row).values()) > 0
 
 
 def test_ensemble_prints_times_and_their_ratios():

@@ -204,3 +204,11 @@ def test_cli_mistakes(monkeypatch, tmp_path):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(UserError, match="torchrun"):
         predict.main()
+
+
+def test_inference_batch_size_depends_on_the_device():
+    assert utils.resolve_batch_size(-1, torch.device("cpu")) == 8
+    assert utils.resolve_batch_size(-1, torch.device("cuda")) == 64
+    assert utils.resolve_batch_size(20, torch.device("cpu")) == 20
+    with pytest.raises(UserError, match=r"^--batch-size 0 must be at least 1 \(or -1: 64 on a GPU, 8 on the CPU\)$"):
+        utils.resolve_batch_size(0, torch.device("cuda"))
