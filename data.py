@@ -503,27 +503,29 @@ def normalize_255(pixels, mean, std):
 
 
 def warp_image(img, maps, box, img_size):
-    """The CPU path's one warp: the crop box (left, top, right, bottom; pixels) of a PIL RGB image through
-    maps (2, 3, 3) -> float (3, img_size, img_size) in 0..255, 0 (black) where the chain fills."""
-    left, top, right, bottom = box
-    # only the crop's pixels (every valid point falls in it) become floats
-    x0, y0 = int(left), int(top)
-    x1, y1 = min(math.ceil(right), img.width), min(math.ceil(bottom), img.height)
-    region = torch.from_numpy(np.array(img.crop((x0, y0, x1, y1)))).permute(2, 0, 1)[None].float()
-    w, h = x1 - x0, y1 - y0
-    # output point -> grid_sample's coordinates (-1..1 across the region), one 3x3 product
-    to_grid = np.array([[2 * (right - left) / w, 0, 2 * (left - x0) / w - 1],
-                        [0, 2 * (bottom - top) / h, 2 * (top - y0) / h - 1], [0, 0, 1]]) @ maps[0]
+    """The CPU path's warp: the crop box (left, top, right, bottom; pixels) of a PIL RGB image resized to
+    img_size x img_size as RandomResizedCrop resizes it (PIL, antialiased: a bilinear sample of a larger
+    crop would alias), then flipped, rotated and distorted by maps (2, 3, 3) in one bilinear warp ->
+    float (3, img_size, img_size) in 0..255, 0 (black) where the chain fills."""
+    crop = img.resize((img_size, img_size), Image.Resampling.BILINEAR, box=box)
+    pixels = torch.from_numpy(np.array(crop)).permute(2, 0, 1)[None].float()
     # the points of one image as outer sums of pixel centres: cheaper than map_points' general product
-    m = to_grid.tolist()
+    m = (np.array([[2.0, 0, -1], [0, 2, -1], [0, 0, 1]]) @ maps[0]).tolist()  # to grid_sample's -1..1
     centres = (torch.arange(img_size, dtype=torch.float32) + 0.5) / img_size
     row, col = centres[:, None], centres[None, :]
     denominator = col * m[2][0] + (row * m[2][1] + m[2][2])
     grid = torch.empty(1, img_size, img_size, 2)
     torch.div(col * m[0][0] + (row * m[0][1] + m[0][2]), denominator, out=grid[0, ..., 0])
     torch.div(col * m[1][0] + (row * m[1][1] + m[1][2]), denominator, out=grid[0, ..., 1])
-    out = F.grid_sample(region, grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
+    out = F.grid_sample(pixels, grid, mode=warp_mode(maps), padding_mode="border", align_corners=False)[0]
     return out.mul_(torch.from_numpy(valid_region(maps, img_size)))
+
+
+def warp_mode(maps):
+    """The chain rotates with nearest-neighbour sampling (RandomAffine's default) and distorts with
+    bilinear (RandomPerspective's): without a perspective (identity maps[1]) the warp is nearest, so the
+    images are as sharp as the chain's; with one, the one bilinear warp blurs as its one bilinear op."""
+    return "nearest" if np.array_equal(maps[1], np.eye(3)) else "bilinear"
 
 
 class FusedTrainTransform:
@@ -562,11 +564,15 @@ class FusedTrainTransform:
 
 def warp_batch(images, maps, img_size, *, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """The device half of aug="fused-gpu": uint8 images (B, 3, H, W) and maps (B, K, 3, 3) on any device
-    -> normalised float (B, 3, img_size, img_size): the CPU path's warp, with the fill wherever a point of
-    any frame leaves [0, 1)."""
+    -> normalised float (B, 3, img_size, img_size): the CPU path's warp (nearest or bilinear per image, as
+    warp_mode), with the fill wherever a point of any frame leaves [0, 1)."""
     points = map_points(maps.float(), img_size)
-    out = sample_bilinear(images.float(), points[:, 0]).mul_(valid_mask(points)[:, None])
-    return normalize_255(out, mean, std)
+    out = sample_bilinear(images.float(), points[:, 0])
+    no_perspective = (maps[:, 1] == torch.eye(3, device=maps.device)).flatten(1).all(1)
+    if no_perspective.any():  # those are sampled as warp_mode says: nearest
+        nearest = F.grid_sample(images.float(), points[:, 0] * 2 - 1, mode="nearest", align_corners=False)
+        out = torch.where(no_perspective[:, None, None, None], nearest, out)
+    return normalize_255(out.mul_(valid_mask(points)[:, None]), mean, std)
 
 
 # ----------------------------------------------------------------------------
