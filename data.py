@@ -359,8 +359,9 @@ class DecodedCache:
 # ----------------------------------------------------------------------------
 # fused train augmentation: the report's chain (RandomResizedCrop, RandomHorizontalFlip,
 # RandomAffine(30), RandomPerspective) is a chain of projective maps. The same random parameters are
-# drawn, composed into one homography and applied as one bilinear warp (grid_sample, edges as PIL's),
-# from a JPEG decoded at the smallest DCT scale at which the crop still has the output's resolution.
+# drawn; the crop is resized as RandomResizedCrop resizes it (PIL, antialiased), from a JPEG decoded at
+# the smallest DCT scale at which the crop still has the output's resolution; flip, rotation and
+# perspective are composed into one homography and applied as one warp (grid_sample, edges as PIL's).
 #
 # Coordinates are normalised: (0, 0) is an image's top-left corner, (1, 1) its bottom-right one, and
 # pixel x's centre is (x + 0.5) / width, as in PIL. "maps" (2, 3, 3) take an output point to [0] the
