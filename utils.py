@@ -24,12 +24,17 @@ class UserError(Exception):
 
 
 def run_main(main):
-    """Run a script's main(), turning UserError into a one-line message and exit code 2."""
+    """Run a script's main(), turning UserError into a one-line message and exit code 2, and Ctrl-C
+    (outside train.py's loop, which checkpoints on it) into one line and exit code 130."""
     try:
         return main()
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("\ninterrupted: every file is written whole or not at all, so none is left half-written",
+              file=sys.stderr)
+        sys.exit(130)
 
 
 # ----------------------------------------------------------------------------

@@ -212,3 +212,22 @@ def test_inference_batch_size_depends_on_the_device():
     assert utils.resolve_batch_size(20, torch.device("cpu")) == 20
     with pytest.raises(UserError, match=r"^--batch-size 0 must be at least 1 \(or -1: 64 on a GPU, 8 on the CPU\)$"):
         utils.resolve_batch_size(0, torch.device("cuda"))
+
+
+def test_ctrl_c_is_one_line_and_leaves_the_previous_files(member_runs, demo_dir, tmp_path, monkeypatch, capsys):
+    out, zip_path = tmp_path / "prediction.csv", tmp_path / "submission.zip"
+    out.write_text("previous\n")
+    zip_path.write_bytes(b"previous")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(predict, "predict_logits", interrupted)
+    monkeypatch.setattr("sys.argv", ["predict.py", "--checkpoint", str(member_runs["resnext"] / "best.pt"),
+                                     "--data-dir", str(demo_dir), "--out", str(out), "--zip", str(zip_path)])
+    with pytest.raises(SystemExit) as exit_info:
+        utils.run_main(predict.main)
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err.strip() == ("interrupted: every file is written whole or not at all, so none "
+                                               "is left half-written")
+    assert out.read_text() == "previous\n" and zip_path.read_bytes() == b"previous"
