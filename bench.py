@@ -797,7 +797,10 @@ def main():
     if args.command == "ensemble" and min(args.epochs, args.train_per_class) < 1:
         raise UserError(f"--epochs {args.epochs} and --train-per-class {args.train_per_class} must be at least 1")
     if args.command == "data":
-        args.cache_size = args.cache_size or 2 * args.img_size
+        args.cache_size = 2 * args.img_size if args.cache_size is None else args.cache_size
+        if args.cache_size < args.img_size:
+            raise UserError(f"--cache-size {args.cache_size} is below --img-size {args.img_size}; use at least "
+                            f"{args.img_size} (default: {2 * args.img_size})")
     {"data": run_data, "train": run_train, "gpu": run_gpu, "predict": run_predict,
      "ensemble": run_ensemble}[args.command](args)
 

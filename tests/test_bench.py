@@ -45,3 +45,9 @@ def test_data_prints_per_core_and_loader_rates_with_the_cache():
     assert set(ratios(loader)) == {"fused_over_report_ratio", "fused_gpu_worker_over_report_ratio",
                                    "fused_cached_over_report_ratio"}
     assert all(value > 0 for value in [*ratios(per_core).values(), *ratios(loader).values()])
+
+
+def test_data_refuses_a_cache_smaller_than_the_images():
+    result = run_script("bench.py", "data", "--img-size", "32", "--cache-size", "16", check=False)
+    assert result.returncode == 2 and result.stderr.strip() == (
+        "error: --cache-size 16 is below --img-size 32; use at least 32 (default: 64)")
