@@ -15,6 +15,7 @@ train/ and val/). BENCHMARKS.md holds measured figures.
 import argparse
 import contextlib
 import json
+import math
 import multiprocessing
 import os
 import platform
@@ -127,10 +128,7 @@ def bench_files(args, tmp_dir):
     else:
         paths, labels, _ = data.load_split(make_jpegs(tmp_dir, args.files), "train")
         source = "generated"
-    pixels = []
-    for path in paths[:64]:
-        with Image.open(path) as img:
-            pixels.append(img.width * img.height)
+    pixels = [math.prod(data.image_size(path)) for path in paths[:64]]
     mean_bytes = float(np.mean([Path(p).stat().st_size for p in paths[:64]]))
     return paths, labels, {"source": source, "files": len(paths), "mean_megapixels": round(np.mean(pixels) / 1e6, 3),
                            "mean_kbytes": round(mean_bytes / 1024, 1)}
@@ -404,20 +402,26 @@ def set_cuda_flags(device):
         torch.backends.cudnn.allow_tf32 = True
 
 
+def training_setup(args, device, tmp_dir):
+    """What `train` and `gpu` start from: (paths, labels, files description, number of classes, a
+    random-init model on `device`, a copy of its initial weights, loader workers)."""
+    paths, labels, files = bench_files(args, tmp_dir)
+    if len(paths) < args.batch_size:
+        raise UserError(f"{files['source']} has {len(paths)} train images, fewer than --batch-size "
+                        f"{args.batch_size}; add files or lower --batch-size")
+    num_classes = max(labels) + 1
+    model = models.build_model("resnext", args.arch, num_classes, weights="none").to(device)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    return paths, labels, files, num_classes, model, initial, data.loader_workers(args.workers, device)
+
+
 def run_train(args):
     device = utils.resolve_device(args.device)
     set_cuda_flags(device)
     precision = utils.resolve_precision("auto", device)
     emit(environment(device))
     with tempfile.TemporaryDirectory() as tmp:
-        paths, labels, files = bench_files(args, tmp)
-        if len(paths) < args.batch_size:
-            raise UserError(f"{files['source']} has {len(paths)} train images, fewer than --batch-size "
-                            f"{args.batch_size}; add files or lower --batch-size")
-        num_classes = max(labels) + 1
-        model = models.build_model("resnext", args.arch, num_classes, weights="none").to(device)
-        initial = {k: v.clone() for k, v in model.state_dict().items()}
-        workers = data.loader_workers(args.workers, device)
+        paths, labels, files, num_classes, _, initial, workers = training_setup(args, device, tmp)
         common = {"arch": args.arch, "img_size": args.img_size, "batch_size": args.batch_size, "steps": args.steps,
                   "device": str(device), "precision": precision, **files}
 
@@ -485,14 +489,7 @@ def measure_gpu(args, device):
     precision = utils.resolve_precision("auto", device)
     emit(environment(device))
     with tempfile.TemporaryDirectory() as tmp:
-        paths, labels, files = bench_files(args, tmp)
-        if len(paths) < args.batch_size:
-            raise UserError(f"{files['source']} has {len(paths)} train images, fewer than --batch-size "
-                            f"{args.batch_size}")
-        num_classes = max(labels) + 1
-        model = models.build_model("resnext", args.arch, num_classes, weights="none").to(device)
-        initial = {k: v.clone() for k, v in model.state_dict().items()}
-        workers = data.loader_workers(args.workers, device)
+        paths, labels, files, num_classes, model, initial, workers = training_setup(args, device, tmp)
         common = {"arch": args.arch, "img_size": args.img_size, "batch_size": args.batch_size,
                   "precision": precision, "workers": workers, **files}
 

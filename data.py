@@ -136,10 +136,11 @@ def load_test(test_dir, strict=True, skip_hint="pass --skip-bad to predict nothi
 # decoding
 
 def load_rgb(path, draft_size=None):
-    """Open any PIL mode as RGB; transparency is composited on white. draft_size: JPEG reduced decode."""
+    """Open any PIL mode as RGB; transparency is composited on white. draft_size (px, or (width, height)):
+    a JPEG is decoded at the smallest DCT scale that keeps at least that size."""
     with Image.open(path) as img:
         if draft_size is not None:
-            img.draft("RGB", (draft_size, draft_size))
+            img.draft("RGB", (draft_size, draft_size) if isinstance(draft_size, int) else draft_size)
         img.load()
         return to_rgb(img)
 
@@ -265,10 +266,7 @@ def decode_resized(path, size):
     one keeps at least that size, then PIL's antialiased bilinear resize."""
     size = tuple(int(v) for v in size)
     try:
-        with Image.open(path) as img:
-            img.draft("RGB", size)
-            img.load()
-            rgb = to_rgb(img)
+        rgb = load_rgb(path, size)
     except OSError as error:  # the scan read it: it changed since
         raise UserError(f"image {path} can no longer be read ({error}); check it and run again") from error
     return rgb if rgb.size == size else rgb.resize(size, Image.Resampling.BILINEAR)
@@ -311,12 +309,16 @@ class DecodedCache:
     @classmethod
     def load(cls, paths, cache_dir, size):
         """The cache of these images at this size, or None when it has not been built (completely)."""
-        pixels_path, index_path = cls.files(paths, cache_dir, size)
+        return cls.open(*cls.files(paths, cache_dir, size), len(paths))
+
+    @classmethod
+    def open(cls, pixels_path, index_path, count):
+        """The cache in these files if they are complete and hold `count` images, else None."""
         if not (pixels_path.is_file() and index_path.is_file()):
             return None
         with np.load(index_path) as index:
             offsets, sizes = index["offsets"], index["sizes"]
-        if len(sizes) != len(paths) or pixels_path.stat().st_size != offsets[-1]:
+        if len(sizes) != count or pixels_path.stat().st_size != offsets[-1]:
             return None
         return cls(pixels_path, offsets[:-1], sizes)
 
@@ -325,12 +327,12 @@ class DecodedCache:
         """Load the cache, or decode every image into a new one (a thread pool: PIL releases the GIL).
         The pixels are written to a temp file renamed into place, then the index, so that a killed
         build leaves no cache that looks complete."""
-        cached = cls.load(paths, cache_dir, size)
+        pixels_path, index_path = cls.files(paths, cache_dir, size)
+        cached = cls.open(pixels_path, index_path, len(paths))
         if cached is not None:
             return cached
         cache_dir = Path(cache_dir)
         check_writable(cache_dir, "--cache-dir")
-        pixels_path, index_path = cls.files(paths, cache_dir, size)
         remove_stale_temps(cache_dir, [pixels_path.name, index_path.name])
         with ThreadPoolExecutor(max_workers=workers or default_workers()) as pool:
             sizes = np.array([cached_size(w, h, size) for w, h in pool.map(image_size, paths)], dtype=np.int64)
@@ -503,12 +505,21 @@ def normalize_255(pixels, mean, std):
     return pixels.mul_(1 / (255 * std)).sub_(mean / std)
 
 
+def resize_crop(img, box, img_size):
+    """The crop box (left, top, right, bottom; pixels) of a PIL RGB image resized to img_size x img_size as
+    RandomResizedCrop resizes it (PIL, antialiased: a bilinear sample of a larger crop would alias)."""
+    return img.resize((img_size, img_size), Image.Resampling.BILINEAR, box=box)
+
+
 def warp_image(img, maps, box, img_size):
-    """The CPU path's warp: the crop box (left, top, right, bottom; pixels) of a PIL RGB image resized to
-    img_size x img_size as RandomResizedCrop resizes it (PIL, antialiased: a bilinear sample of a larger
-    crop would alias), then flipped, rotated and distorted by maps (2, 3, 3) in one bilinear warp ->
-    float (3, img_size, img_size) in 0..255, 0 (black) where the chain fills."""
-    crop = img.resize((img_size, img_size), Image.Resampling.BILINEAR, box=box)
+    """The CPU path: resize_crop, then warp_crop."""
+    return warp_crop(resize_crop(img, box, img_size), maps, img_size)
+
+
+def warp_crop(crop, maps, img_size):
+    """A resized crop (PIL RGB, img_size x img_size) flipped, rotated and distorted by maps (2, 3, 3) in one
+    warp (nearest or bilinear, see warp_mode) -> float (3, img_size, img_size) in 0..255, 0 (black) where
+    the chain fills."""
     pixels = torch.from_numpy(np.array(crop)).permute(2, 0, 1)[None].float()
     # the points of one image as outer sums of pixel centres: cheaper than map_points' general product
     m = (np.array([[2.0, 0, -1], [0, 2, -1], [0, 0, 1]]) @ maps[0]).tolist()  # to grid_sample's -1..1
@@ -556,23 +567,24 @@ class FusedTrainTransform:
             return self.warp(img if img.mode == "RGB" else to_rgb(img), params, scale)  # most JPEGs: no copy
 
     def warp(self, rgb, params, scale):
-        maps, box = train_maps(params, self.img_size), crop_box(params, scale)
+        maps = train_maps(params, self.img_size)
+        crop = resize_crop(rgb, crop_box(params, scale), self.img_size)
         if self.device_warp:
-            crop = rgb.resize((self.img_size, self.img_size), Image.Resampling.BILINEAR, box=box)
             return v2.functional.pil_to_tensor(crop), torch.from_numpy(maps).float()
-        return normalize_255(warp_image(rgb, maps, box, self.img_size), self.mean, self.std)
+        return normalize_255(warp_crop(crop, maps, self.img_size), self.mean, self.std)
 
 
 def warp_batch(images, maps, img_size, *, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """The device half of aug="fused-gpu": uint8 images (B, 3, H, W) and maps (B, K, 3, 3) on any device
     -> normalised float (B, 3, img_size, img_size): the CPU path's warp (nearest or bilinear per image, as
     warp_mode), with the fill wherever a point of any frame leaves [0, 1)."""
-    points = map_points(maps.float(), img_size)
-    out = sample_bilinear(images.float(), points[:, 0])
+    points, pixels = map_points(maps.float(), img_size), images.float()
+    # both samplings for the whole batch, then a per-image choice: branching on which images need which
+    # would wait for the device every step
+    bilinear = sample_bilinear(pixels, points[:, 0])
+    nearest = F.grid_sample(pixels, points[:, 0] * 2 - 1, mode="nearest", padding_mode="border", align_corners=False)
     no_perspective = (maps[:, 1] == torch.eye(3, device=maps.device)).flatten(1).all(1)
-    if no_perspective.any():  # those are sampled as warp_mode says: nearest
-        nearest = F.grid_sample(images.float(), points[:, 0] * 2 - 1, mode="nearest", align_corners=False)
-        out = torch.where(no_perspective[:, None, None, None], nearest, out)
+    out = torch.where(no_perspective[:, None, None, None], nearest, bilinear)
     return normalize_255(out.mul_(valid_mask(points)[:, None]), mean, std)
 
 

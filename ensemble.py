@@ -50,13 +50,8 @@ def get_args_parser():
     parser.add_argument("--weight-decay", type=float, default=1.0, help="head weight decay, decoupled, towards "
                         "the plain logit average the head starts from")
     parser.add_argument("--head-batch-size", type=int, default=64, help="head mini-batch (rows of logits)")
-    parser.add_argument("--batch-size", type=int, default=-1, help="images per member forward pass (-1: 64 on a "
-                        "GPU, 8 on the CPU, where bigger batches run slower)")
-    parser.add_argument("--workers", type=int, default=-1, help="DataLoader workers (-1: 0 on the CPU, "
-                        "else one per core)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="device")
-    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                        help="member forward passes; auto: bf16 on GPUs that have it, else fp16; fp32 on CPU")
+    utils.add_inference_args(parser, precision_help="member forward passes; auto: bf16 on GPUs that have it, "
+                             "else fp16; fp32 on CPU")
     parser.add_argument("--seed", type=int, default=0, help="random seed (train views, head batch order)")
     return parser
 

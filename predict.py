@@ -44,14 +44,8 @@ def get_args_parser():
     parser.add_argument("--labels", type=Path, help="CSV image_name,label of the test images: print the accuracy")
     parser.add_argument("--skip-bad", action="store_true", help="leave unreadable test images out of the CSV "
                         "with a warning; without it they are an error, since a submission must be complete")
-    parser.add_argument("--batch-size", type=int, default=-1, help="images per forward pass (-1: 64 on a GPU, 8 on the "
-                        "CPU, where bigger batches run slower)")
-    parser.add_argument("--workers", type=int, default=-1, help="DataLoader workers decoding images "
-                        "(-1: 0 on the CPU, else one per core)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="device")
-    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                        help="auto: bf16 on GPUs that have it, else fp16 on GPU; fp32 on CPU (bf16 there is "
-                        "about 2x faster on CPUs with AMX / AVX512-BF16)")
+    utils.add_inference_args(parser, precision_help="auto: bf16 on GPUs that have it, else fp16 on GPU; fp32 on "
+                             "CPU (bf16 there is 1.5-2.2x faster on CPUs with AMX / AVX512-BF16)")
     parser.add_argument("--channels-last", default="on", choices=("on", "off"),
                         help="channels_last memory format (faster convolutions on CUDA and on CPU)")
     return parser

@@ -49,12 +49,7 @@ def get_args_parser():
                         "None: the one its run was trained on")
     parser.add_argument("--out", type=Path, help="the Markdown report to write (None: RUNS/report.md); the "
                         "other files go beside it")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
-                        help="device of the best model's val predictions")
-    parser.add_argument("--batch-size", type=int, default=-1, help="images per forward pass (-1: 64 on a GPU, 8 on the "
-                        "CPU, where bigger batches run slower)")
-    parser.add_argument("--workers", type=int, default=-1, help="DataLoader workers (-1: 0 on the CPU, "
-                        "else one per core)")
+    utils.add_inference_args(parser, device_help="device of the best model's val predictions")
     return parser
 
 

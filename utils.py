@@ -237,6 +237,20 @@ def resolve_precision(name, device):
     return name
 
 
+def add_inference_args(parser, device_help="device", precision_help=None):
+    """The flags of the scripts that run trained models over images (ensemble.py, predict.py, report.py):
+    --batch-size and --workers (resolved with resolve_batch_size, data.loader_workers), --device, and
+    --precision when precision_help is given."""
+    parser.add_argument("--batch-size", type=int, default=-1, help="images per forward pass (-1: 64 on a GPU, 8 "
+                        "on the CPU, where bigger batches run slower)")
+    parser.add_argument("--workers", type=int, default=-1, help="DataLoader workers decoding images (-1: 0 on "
+                        "the CPU, else one per core)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help=device_help)
+    if precision_help is not None:
+        parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                            help=precision_help)
+
+
 def resolve_batch_size(flag, device):
     """Inference --batch-size: the value given, or for -1 64 on a GPU and 8 on the CPU, where bigger
     batches spill out of the caches and run slower (BENCHMARKS.md: ResNets fastest at 4-8)."""

@@ -1,5 +1,7 @@
 import json
 
+import torch
+
 from conftest import run_script
 
 
@@ -51,3 +53,21 @@ def test_data_refuses_a_cache_smaller_than_the_images():
     result = run_script("bench.py", "data", "--img-size", "32", "--cache-size", "16", check=False)
     assert result.returncode == 2 and result.stderr.strip() == (
         "error: --cache-size 16 is below --img-size 32; use at least 32 (default: 64)")
+
+
+def test_gpu_measurement_runs_in_its_cpu_form(capsys):
+    """bench.py gpu's measurement on the CPU with tiny settings: the path a GPU runs, line by line."""
+    import bench
+    args = bench.get_args_parser().parse_args([
+        "gpu", "--files", "32", "--arch", "resnet10t", "--img-size", "32", "--batch-size", "8", "--steps", "1",
+        "--warmup", "1", "--epochs", "1", "--report-steps", "1", "--no-compile", "--workers", "0"])
+    bench.measure_gpu(args, torch.device("cpu"))
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [row["bench"] for row in rows] == ["env", "gpu", "gpu-projection"]
+    measured, projection = rows[1], rows[2]
+    assert measured["compile_skipped"] == "--no-compile" and measured["workers"] == 0
+    assert min(measured[k] for k in ("synthetic_project_img_s", "synthetic_report_img_s", "loader_img_s",
+                                     "real_project_img_s", "real_report_img_s", "eval_project_img_s")) > 0
+    assert set(ratios(measured)) == {"real_over_synthetic_ratio", "synthetic_project_over_report_ratio",
+                                     "real_project_over_report_ratio"}
+    assert projection["total_hours"] > projection["train_hours"] > 0
