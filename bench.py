@@ -5,7 +5,7 @@ field named *ratio* is project / report (or real / synthetic), so higher is bett
     python bench.py data   # train pipeline images/s: per core (one process) and with N DataLoader workers
     python bench.py train  # training images/s: synthetic input (the compute ceiling) and real files
     python bench.py gpu    # ResNeXt101_32x8d on a CUDA GPU, real files, projected time of the whole report
-    python bench.py predict   # test-set inference images/s: predict.predict_logits against a per-image loop
+    python bench.py predict   # test-set inference images/s: predict.py's path against a per-image loop
     python bench.py ensemble  # ensemble.py's time against the report's stacking (members forward every epoch)
 
 Without --data-dir each command writes real-size JPEGs (500-1000 px a side) into a temporary folder;
@@ -14,6 +14,7 @@ train/ and val/). BENCHMARKS.md holds measured figures.
 """
 import argparse
 import contextlib
+import functools
 import json
 import math
 import multiprocessing
@@ -31,15 +32,21 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from PIL import Image, ImageDraw, ImageFilter
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
+import cache
+import checkpoints
 import data
+import demo_data
+import engine
 import ensemble
+import fused
 import models
 import predict
-import utils
-from utils import UserError
+import transforms
+from utils import UserError, run_main
 
 REPORT_BATCH = 32
 REPORT_MEMBERS, REPORT_EPOCHS, REPORT_TRAIN_IMAGES = 3, 50, 20_700
@@ -68,13 +75,13 @@ def report_transform(img_size):
         v2.RandomPerspective(),
         v2.ToImage(),
         v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD),
+        v2.Normalize(transforms.IMAGENET_MEAN, transforms.IMAGENET_STD),
     ])
 
 
 def report_eval_transform(img_size):
     return v2.Compose([v2.Resize((img_size, img_size)), v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
-                       v2.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)])
+                       v2.Normalize(transforms.IMAGENET_MEAN, transforms.IMAGENET_STD)])
 
 
 class ReportDataset(Dataset):
@@ -128,7 +135,7 @@ def bench_files(args, tmp_dir):
     else:
         paths, labels, _ = data.load_split(make_jpegs(tmp_dir, args.files), "train")
         source = "generated"
-    pixels = [math.prod(data.image_size(path)) for path in paths[:64]]
+    pixels = [math.prod(cache.image_size(path)) for path in paths[:64]]
     mean_bytes = float(np.mean([Path(p).stat().st_size for p in paths[:64]]))
     return paths, labels, {"source": source, "files": len(paths), "mean_megapixels": round(np.mean(pixels) / 1e6, 3),
                            "mean_kbytes": round(mean_bytes / 1024, 1)}
@@ -154,7 +161,7 @@ def environment(device):
 def draft_decode(path, img_size):
     """The fused pipelines' decode alone: the crop drawn, the JPEG decoded at the scale it allows."""
     with Image.open(path) as img:
-        data.draft_for_crop(img, data.sample_train_params(img.width, img.height, img_size), img_size)
+        fused.draft_for_crop(img, fused.sample_train_params(img.width, img.height, img_size), img_size)
         img.load()
 
 
@@ -198,17 +205,17 @@ def loader_rate(loader, seconds, set_epoch=None):
     return count / (time.perf_counter() - start)
 
 
-def enlarged_crops(paths, cache, img_size, draws=20):
+def enlarged_crops(paths, decoded, img_size, draws=20):
     """The fraction of RandomResizedCrop's crops (draws per image) whose shorter side is under img_size,
     so that the crop is enlarged: drawn on the files' own sizes and on the cached ones."""
     generator_state = torch.get_rng_state()
     torch.manual_seed(0)
     counts = {"original": 0, "cached": 0}
     for index, path in enumerate(paths[:256]):
-        sizes = {"original": data.image_size(path), "cached": tuple(cache.sizes[index])}
+        sizes = {"original": cache.image_size(path), "cached": tuple(decoded.sizes[index])}
         for name, (width, height) in sizes.items():
             for _ in range(draws):
-                params = data.sample_train_params(width, height, img_size)
+                params = fused.sample_train_params(width, height, img_size)
                 counts[name] += min(params["width"], params["height"]) < img_size
     torch.set_rng_state(generator_state)
     total = draws * min(len(paths), 256)
@@ -222,15 +229,16 @@ def run_data(args):
         if len(paths) < REPORT_BATCH:
             raise UserError(f"{files['source']} has {len(paths)} train images; the bench needs {REPORT_BATCH} or more")
         size = args.img_size
-        report_chain, fused = report_transform(size), data.train_transform(size, aug="fused")
-        fused_gpu = data.train_transform(size, aug="fused-gpu")
+        report_chain, fused_chain = report_transform(size), transforms.train_transform(size, aug="fused")
+        fused_gpu = transforms.train_transform(size, aug="fused-gpu")
         start, cpu_start = time.perf_counter(), time.process_time()  # process time: all its threads
-        cache = data.DecodedCache.build(paths, Path(tmp) / "cache", args.cache_size, progress=False)
+        decoded = cache.DecodedCache.build(paths, Path(tmp) / "cache", args.cache_size, progress=False)
         cache_build_s, cache_build_cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
         index_of = {str(p): i for i, p in enumerate(paths)}
         pipelines = {"decode_only": report_loader, "draft_decode_only": lambda p: draft_decode(p, size),
-                     "report": lambda p: report_chain(report_loader(p)), "fused": fused,
-                     "fused_gpu_worker": fused_gpu, "fused_cached": lambda p: fused(cache.image(index_of[p]))}
+                     "report": lambda p: report_chain(report_loader(p)), "fused": fused_chain,
+                     "fused_gpu_worker": fused_gpu,
+                     "fused_cached": lambda p: fused_chain(decoded.image(index_of[p]))}
         cpu_rates, wall_rates = per_core(pipelines, [str(p) for p in paths], args.seconds)
         emit({"bench": "data", "mode": "one process, per CPU-second", "img_size": size, **files,
               "cache_size": args.cache_size, **{f"{k}_img_s": round(v, 1) for k, v in cpu_rates.items()},
@@ -243,23 +251,24 @@ def run_data(args):
               "wall_fused_over_report_ratio": round(wall_rates["fused"] / wall_rates["report"], 2),
               # a one-off before the first epoch, on data.default_workers() threads
               "cache_build_img_s": round(len(paths) / cache_build_s, 1),
-              "cache_megabytes": round(Path(cache.pixels_path).stat().st_size / 2**20, 1),
+              "cache_megabytes": round(Path(decoded.pixels_path).stat().st_size / 2**20, 1),
               # a whole run of the report's 50 epochs per core: the cache's build (CPU time of all its
               # threads), then 50 epochs from it, against 50 epochs of the report's chain
               "fused_cached_50_epochs_over_report_ratio": round(
                   REPORT_EPOCHS / cpu_rates["report"]
                   / (cache_build_cpu_s / len(paths) + REPORT_EPOCHS / cpu_rates["fused_cached"]), 2),
-              **enlarged_crops(paths, cache, size)})
+              **enlarged_crops(paths, decoded, size)})
 
         workers = args.workers if args.workers > 0 else data.default_workers()
         # epochs of 8 batches per worker or more, so that the workers rarely wait at an epoch's end
         repeats = -(-8 * workers * REPORT_BATCH // len(paths))
         paths, labels = paths * repeats, labels * repeats
-        cache = data.DecodedCache(cache.pixels_path, np.tile(cache.offsets, repeats),
-                                  np.tile(cache.sizes, (repeats, 1)))
+        decoded = cache.DecodedCache(decoded.pixels_path, np.tile(decoded.offsets, repeats),
+                                     np.tile(decoded.sizes, (repeats, 1)))
         rates = {}
-        for name, transform, source in (("report", None, None), ("fused", fused, None),
-                                        ("fused_gpu_worker", fused_gpu, None), ("fused_cached", fused, cache)):
+        for name, transform, source in (("report", None, None), ("fused", fused_chain, None),
+                                        ("fused_gpu_worker", fused_gpu, None),
+                                        ("fused_cached", fused_chain, decoded)):
             if transform is None:  # the same loader settings for both: only the pipeline differs
                 loader = DataLoader(ReportDataset(paths, labels, size), batch_size=REPORT_BATCH, shuffle=True,
                                     num_workers=workers, persistent_workers=True, prefetch_factor=4)
@@ -286,31 +295,22 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-class ProjectStep:
-    """One optimizer step as the project trains: autocast at `precision`, channels_last on CUDA, the
-    loss kept on the device (no host sync per step). Batches of (uint8 images, maps) from the
-    fused-gpu pipeline are warped on the device first."""
+def project_step(model, runtime, img_size, forward_model=None):
+    """One optimizer step as train.py takes it (engine.train_step): autocast at the runtime's precision, in
+    its memory format, the loss kept on the device (no host sync per step). Batches of (uint8 images, maps)
+    from the fused-gpu pipeline are warped on the device first (fused.warp_on_device)."""
+    training = engine.Training(model, forward_model or model, torch.optim.SGD(model.parameters(), lr=1e-3,
+                                                                              momentum=0.9),
+                               torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision == "fp16"),
+                               nn.CrossEntropyLoss(), runtime)
+    warp = functools.partial(fused.warp_on_device, img_size=img_size, mean=transforms.IMAGENET_MEAN,
+                             std=transforms.IMAGENET_STD, device=runtime.device, memory_format=runtime.memory_format)
 
-    def __init__(self, model, device, precision, img_size):
-        self.model, self.device, self.precision, self.img_size = model, device, precision, img_size
-        self.memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-        self.optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-        self.loss_sum = torch.zeros((), device=device)
-
-    def __call__(self, images, labels):
-        if isinstance(images, (list, tuple)):
-            images = data.warp_batch(images[0].to(self.device, non_blocking=True),
-                                     images[1].to(self.device, non_blocking=True), self.img_size)
-        images = images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
-        labels = labels.to(self.device, non_blocking=True)
-        with utils.autocast(self.device, self.precision):
-            loss = F.cross_entropy(self.model(images), labels)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.loss_sum += loss.detach()
+    def step(images, labels):
+        images = warp(images) if isinstance(images, (list, tuple)) else runtime.images(images)
+        loss, _ = engine.train_step(training, images, labels.to(runtime.device, non_blocking=True))
+        return loss
+    return step
 
 
 class ReportStep:
@@ -385,7 +385,7 @@ def interleaved_rates(runs, steps, warmup, device):
 
 def project_loader(paths, labels, img_size, device, workers, batch_size, aug):
     sampler = data.TrainBatchSampler(len(paths), batch_size, seed=0)
-    dataset = data.ImageDataset(paths, labels, data.train_transform(img_size, aug=aug))
+    dataset = data.ImageDataset(paths, labels, transforms.train_transform(img_size, aug=aug))
     return data.make_loader(dataset, device=device, workers=workers, batch_sampler=sampler), sampler
 
 
@@ -393,13 +393,6 @@ def report_loader_batches(paths, labels, img_size):
     """The report's DataLoader: shuffled batches of 32, decoded in the training process."""
     return loader_batches(DataLoader(ReportDataset(paths, labels, img_size), batch_size=REPORT_BATCH, shuffle=True,
                                      num_workers=0))
-
-
-def set_cuda_flags(device):
-    if device.type == "cuda":  # as train.py
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
 
 
 def training_setup(args, device, tmp_dir):
@@ -416,9 +409,8 @@ def training_setup(args, device, tmp_dir):
 
 
 def run_train(args):
-    device = utils.resolve_device(args.device)
-    set_cuda_flags(device)
-    precision = utils.resolve_precision("auto", device)
+    runtime = engine.resolve_runtime(args.device)  # train.py's defaults
+    device, precision = runtime.device, runtime.precision
     emit(environment(device))
     with tempfile.TemporaryDirectory() as tmp:
         paths, labels, files, num_classes, _, initial, workers = training_setup(args, device, tmp)
@@ -429,8 +421,7 @@ def run_train(args):
             copy = models.build_model("resnext", args.arch, num_classes, weights="none").to(device)
             copy.load_state_dict(initial)
             if kind == "project":
-                copy.to(memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)
-                return ProjectStep(copy.train(), device, precision, args.img_size)
+                return project_step(runtime.place(copy).train(), runtime, args.img_size)
             return ReportStep(copy.train(), device)
 
         synthetic = interleaved_rates(
@@ -459,12 +450,12 @@ def run_train(args):
 # ----------------------------------------------------------------------------
 # gpu: ResNeXt101_32x8d at 224 on one CUDA GPU, and the projected time of the whole report
 
-def eval_rate(model, device, precision, batch_size, img_size, steps):
-    """Inference images/s (no grad, autocast, channels_last): ensemble and predict run the members so."""
+def eval_rate(model, runtime, batch_size, img_size, steps):
+    """Inference images/s under the runtime (autocast, memory format), as engine.infer runs the members."""
+    device = runtime.device
     model.eval()
-    images = torch.randn(batch_size, 3, img_size, img_size, device=device).contiguous(
-        memory_format=torch.channels_last)
-    with torch.no_grad(), utils.autocast(device, precision):
+    images = runtime.images(torch.randn(batch_size, 3, img_size, img_size, device=device))
+    with torch.inference_mode(), runtime.autocast():
         for _ in range(3):
             model(images)
         sync(device)
@@ -485,8 +476,8 @@ def run_gpu(args):
 
 def measure_gpu(args, device):
     started = time.perf_counter()
-    set_cuda_flags(device)
-    precision = utils.resolve_precision("auto", device)
+    runtime = engine.resolve_runtime(device.type)  # train.py's defaults
+    precision = runtime.precision
     emit(environment(device))
     with tempfile.TemporaryDirectory() as tmp:
         paths, labels, files, num_classes, model, initial, workers = training_setup(args, device, tmp)
@@ -498,7 +489,7 @@ def measure_gpu(args, device):
             return model.to(memory_format=memory_format).train()
 
         row = {"bench": "gpu", **common}
-        project = ProjectStep(fresh(torch.channels_last), device, precision, args.img_size)
+        project = project_step(fresh(runtime.memory_format), runtime, args.img_size)
         synthetic = synthetic_batches(args.batch_size, args.img_size, num_classes, device)
         row["synthetic_project_img_s"] = step_rate(project, synthetic, args.steps, args.warmup, device)
         report = ReportStep(fresh(torch.contiguous_format), device)
@@ -511,19 +502,18 @@ def measure_gpu(args, device):
         loader_steps = max(args.epochs * steps_per_epoch - args.warmup, 1)
 
         def warp_only(images, _labels):  # the loader and the GPU warp, without the model
-            data.warp_batch(images[0].to(device, non_blocking=True), images[1].to(device, non_blocking=True),
-                            args.img_size)
+            fused.warp_on_device(images, args.img_size, mean=transforms.IMAGENET_MEAN, std=transforms.IMAGENET_STD,
+                                 device=device, memory_format=runtime.memory_format)
         row["loader_img_s"] = step_rate(warp_only, loader_batches(loader, sampler.set_epoch), loader_steps,
                                         args.warmup, device)
-        project = ProjectStep(fresh(torch.channels_last), device, precision, args.img_size)
+        project = project_step(fresh(runtime.memory_format), runtime, args.img_size)
         row["real_project_img_s"] = step_rate(project, loader_batches(loader, sampler.set_epoch), loader_steps,
                                               args.warmup, device)
         del loader
         report = ReportStep(fresh(torch.contiguous_format), device)
         row["real_report_img_s"] = step_rate(report, report_loader_batches(paths, labels, args.img_size),
                                              args.report_steps, 2, device)
-        row["eval_project_img_s"] = eval_rate(model, device, precision, 4 * args.batch_size, args.img_size,
-                                              args.steps)
+        row["eval_project_img_s"] = eval_rate(model, runtime, 4 * args.batch_size, args.img_size, args.steps)
         row["real_over_synthetic_ratio"] = row["real_project_img_s"] / row["synthetic_project_img_s"]
         row["synthetic_project_over_report_ratio"] = row["synthetic_project_img_s"] / row["synthetic_report_img_s"]
         row["real_project_over_report_ratio"] = row["real_project_img_s"] / row["real_report_img_s"]
@@ -532,8 +522,8 @@ def measure_gpu(args, device):
         compiled = None
         if args.compile and time.perf_counter() - started < args.time_limit - args.compile_allowance:
             try:
-                project = ProjectStep(fresh(torch.channels_last), device, precision, args.img_size)
-                project.model = torch.compile(model)
+                project = project_step(fresh(runtime.memory_format), runtime, args.img_size,
+                                       forward_model=torch.compile(model))
                 compiled = step_rate(project, synthetic_batches(args.batch_size, args.img_size, num_classes, device),
                                      args.steps, args.warmup, device)
                 row["synthetic_compiled_img_s"] = compiled
@@ -570,7 +560,8 @@ def measure_gpu(args, device):
 
 
 # ----------------------------------------------------------------------------
-# predict: predict.predict_logits against the report's per-image loop, on the same model and files
+# predict: predict.py's inference path (engine.predict_images) against the report's per-image loop, same
+# model and files
 
 def report_predict(model, paths, img_size):
     """The report's inference: each test image opened with PIL, the eval transform, one forward pass each."""
@@ -581,21 +572,19 @@ def report_predict(model, paths, img_size):
 
 
 def run_predict(args):
-    device = torch.device("cpu")
     defaults = predict.get_args_parser().parse_args([])
-    precision = utils.resolve_precision(args.precision, device)
+    runtime = engine.resolve_runtime("cpu", args.precision, defaults.channels_last)
+    device, precision = runtime.device, runtime.precision
     workers = data.loader_workers(defaults.workers, device)
-    batch_size = utils.resolve_batch_size(defaults.batch_size, device)
+    batch_size = engine.resolve_batch_size(defaults.batch_size, device)
     emit(environment(device))
     with tempfile.TemporaryDirectory() as tmp:
         paths, _, files = bench_files(args, tmp)
         paths = paths[:args.files]
 
-        def project_predict(images):
-            return predict.predict_logits(model, images, img_size=args.img_size, mean=data.IMAGENET_MEAN,
-                                          std=data.IMAGENET_STD, device=device, precision=precision,
-                                          channels_last=defaults.channels_last == "on",
-                                          batch_size=batch_size, workers=workers, progress=False)
+        def project_predict(images):  # as predict.py runs a checkpoint
+            dataset = data.ImageDataset(images, range(len(images)), transforms.eval_transform(args.img_size))
+            return engine.predict_images(model, dataset, runtime, batch_size=batch_size, workers=workers, desc=None)
 
         model = models.build_model("resnext", args.arch, 100, weights="none").eval()
         # both warm: first-call allocations and oneDNN's kernels for each batch shape out of the timings
@@ -607,8 +596,7 @@ def run_predict(args):
         start = time.perf_counter()
         project = project_predict(paths)
         project_s = time.perf_counter() - start
-        forward_batched = forward_rate(model, len(paths), batch_size, args.img_size, precision,
-                                       defaults.channels_last == "on")
+        forward_batched = forward_rate(model, len(paths), batch_size, args.img_size, runtime)
     emit({"bench": "predict", "arch": args.arch, "img_size": args.img_size, "precision": precision,
           "batch_size": batch_size, "workers": workers, **files, "images": len(paths),
           "report_images_per_s": round(len(paths) / report_s, 2),
@@ -621,13 +609,11 @@ def run_predict(args):
           "ceiling_ratio": round(forward_batched * report_s / len(paths), 2)})
 
 
-def forward_rate(model, images, batch_size, img_size, precision, channels_last):
+def forward_rate(model, images, batch_size, img_size, runtime):
     """Images/s of the model's forward pass alone over `images` random images in batches."""
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    model.to(memory_format=memory_format).eval()
-    batch = torch.randn(batch_size, 3, img_size, img_size).contiguous(memory_format=memory_format)
-    device = torch.device("cpu")
-    with torch.inference_mode(), utils.autocast(device, precision):
+    runtime.place(model).eval()
+    batch = runtime.images(torch.randn(batch_size, 3, img_size, img_size))
+    with torch.inference_mode(), runtime.autocast():
         model(batch)
         start = time.perf_counter()
         for done in range(0, images, batch_size):
@@ -645,13 +631,13 @@ def write_members(out_dir, arch, class_names, img_size, count=REPORT_MEMBERS):
     for i in range(count):
         torch.manual_seed(i)
         model = models.build_model("resnext", arch, len(class_names), weights="none")
-        ckpt = {"format": utils.CHECKPOINT_FORMAT, "kind": "member",
-                **models.member_spec(model, "resnext", arch, class_names, img_size, data.IMAGENET_MEAN,
-                                     data.IMAGENET_STD),
-                "state_dict": model.state_dict(), "ema_state_dict": None, "weights": "raw", "epoch": 0, "step": 0,
-                "best_acc": 0.0, "best_epoch": 0, "history": [], "args": {"model": "resnext"}}
+        spec = checkpoints.member_spec(model, "resnext", arch, class_names, img_size, transforms.IMAGENET_MEAN,
+                                       transforms.IMAGENET_STD)
+        ckpt = checkpoints.member_checkpoint(spec, state_dict=model.state_dict(), ema_state_dict=None,
+                                             state=checkpoints.TrainState(), optimizer={}, scaler={}, rng=[],
+                                             args={"model": "resnext"})
         paths.append(Path(out_dir) / f"member{i}.pt")
-        utils.atomic_save_torch(ckpt, paths[-1])
+        checkpoints.save(ckpt, paths[-1])
     return paths
 
 
@@ -669,15 +655,15 @@ def report_ensemble(members, data_dir, epochs, workers):
     """Seconds of the report's stacking: the frozen members in train mode (their BatchNorm statistics keep
     moving) forward every batch of every epoch, a Linear head on their concatenated logits, SGD, then val."""
     start = time.perf_counter()
-    ckpts = [utils.load_checkpoint(path, kind="member") for path in members]
+    ckpts = [checkpoints.load(path, kind="member") for path in members]
     class_names, img_size = ckpts[0]["class_names"], ckpts[0]["img_size"]
-    model = models.StackingEnsemble([models.model_from_checkpoint(c).requires_grad_(False) for c in ckpts],
+    model = models.StackingEnsemble([checkpoints.model_from_checkpoint(c).requires_grad_(False) for c in ckpts],
                                     len(class_names))
     train_paths, train_labels, _ = data.load_split(data_dir, "train")
     val_paths, val_labels, _ = data.load_split(data_dir, "val", class_names)
     train_loader = DataLoader(ReportDataset(train_paths, train_labels, img_size), batch_size=REPORT_BATCH,
                               shuffle=True, num_workers=workers)
-    val_loader = DataLoader(data.ImageDataset(val_paths, val_labels, data.eval_transform(img_size)),
+    val_loader = DataLoader(data.ImageDataset(val_paths, val_labels, transforms.eval_transform(img_size)),
                             batch_size=REPORT_BATCH, num_workers=workers)
     optimizer = torch.optim.SGD(model.head.parameters(), lr=1e-3, momentum=0.9)
     for _ in range(epochs):
@@ -699,9 +685,9 @@ def run_ensemble(args):
     workers = data.loader_workers(args.workers, torch.device("cpu"))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        data_dir = args.data_dir or data.make_demo(tmp / "data", train_per_class=args.train_per_class,
-                                                   val_per_class=max(1, args.train_per_class // 4),
-                                                   test_per_class=0)
+        data_dir = args.data_dir or demo_data.make_demo(tmp / "data", train_per_class=args.train_per_class,
+                                                        val_per_class=max(1, args.train_per_class // 4),
+                                                        test_per_class=0)
         train_paths, _, class_names = data.load_split(data_dir, "train")
         members = write_members(tmp / "members", args.arch, class_names, args.img_size)
         project_s = project_ensemble(members, data_dir, tmp / "full", args.epochs, workers)
@@ -758,17 +744,17 @@ def get_args_parser():
                    "would not fit")
     p.add_argument("--compile-allowance", type=float, default=240, help="seconds kept free for compilation")
 
-    p = sub.add_parser("predict", formatter_class=fmt, help="inference images/s of predict.predict_logits "
-                       "(predict.py's defaults) against the report's per-image loop, same model and files",
-                       description="inference images/s of predict.predict_logits (predict.py's defaults) against "
-                       "the report's per-image loop (PIL open, eval transform, one fp32 forward per image)")
+    p = sub.add_parser("predict", formatter_class=fmt, help="inference images/s of predict.py's path "
+                       "(its defaults) against the report's per-image loop, same model and files",
+                       description="inference images/s of predict.py's path (engine.predict_images, its defaults) "
+                       "against the report's per-image loop (PIL open, eval transform, one fp32 forward per image)")
     p.add_argument("--data-dir", type=Path, help="use the first --images of DATA/train/<class>/* instead of "
                    "generated JPEGs")
     p.add_argument("--images", dest="files", metavar="N", type=int, default=256, help="how many images to predict")
     p.add_argument("--arch", default="resnet18", help="timm ResNet-family network (random init, 100 classes)")
     p.add_argument("--img-size", type=int, default=224, help="eval image size")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                   help="predict_logits' precision (as predict.py's flag); the per-image loop stays fp32")
+                   help="the precision of predict.py's path (its flag); the per-image loop stays fp32")
 
     p = sub.add_parser("ensemble", formatter_class=fmt, help="ensemble.py's time against the report's stacking",
                        description="seconds of ensemble.main (--epochs, and 1 epoch; empty logits cache) and of "
@@ -785,8 +771,8 @@ def get_args_parser():
     return parser
 
 
-def main():
-    args = get_args_parser().parse_args()
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
     if args.command in ("data", "train", "gpu") and args.data_dir is None and args.files < REPORT_BATCH:
         raise UserError(f"--files {args.files}: generate at least {REPORT_BATCH} (one batch)")
     if args.command == "predict" and args.files < 1:
@@ -803,4 +789,4 @@ def main():
 
 
 if __name__ == "__main__":
-    utils.run_main(main)
+    run_main(main)

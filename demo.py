@@ -27,10 +27,10 @@ def run(*args):
         raise UserError(f"'{shlex.join(command[1:])}' failed; see its message above")
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("demo"), help="folder for the data, runs and submission")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     data_dir, runs = args.out / "data", args.out / "runs"
     if not (data_dir / "train").is_dir():
         run("data.py", "make-demo", data_dir)

@@ -23,10 +23,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
+import checkpoints
 import data
+import engine
 import models
+import transforms
 import utils
 from utils import UserError
 
@@ -50,8 +52,7 @@ def get_args_parser():
     parser.add_argument("--weight-decay", type=float, default=1.0, help="head weight decay, decoupled, towards "
                         "the plain logit average the head starts from")
     parser.add_argument("--head-batch-size", type=int, default=64, help="head mini-batch (rows of logits)")
-    utils.add_inference_args(parser, precision_help="member forward passes; auto: bf16 on GPUs that have it, "
-                             "else fp16; fp32 on CPU")
+    engine.add_inference_args(parser)
     parser.add_argument("--seed", type=int, default=0, help="random seed (train views, head batch order)")
     return parser
 
@@ -87,18 +88,16 @@ def check_members_exist(paths, defaults):
 
 
 def load_members(paths):
-    """Each member's spec, chosen weights, source path and content hash; they must agree on the task."""
-    members = []
-    for path in paths:
-        ckpt = utils.load_checkpoint(path, kind="member")
-        members.append(dict(models.spec_from_checkpoint(ckpt), state_dict=models.chosen_weights(ckpt),
-                            weights=ckpt.get("weights", "raw"), source=str(path), sha256=file_sha256(path)))
+    """Each member's entry (checkpoints.ensemble_member: spec, inference weights, source path and content
+    hash); they must agree on the task."""
+    members = [checkpoints.ensemble_member(checkpoints.load(path, kind="member"), path, file_sha256(path))
+               for path in paths]
     first = members[0]
     for member in members[1:]:
         if member["sha256"] == first["sha256"]:
             raise UserError(f"members {first['source']} and {member['source']} are the same weights; "
                             "list each member once")
-        for key, value in utils.model_meta(first).items():
+        for key, value in checkpoints.task_of(first).items():
             if member[key] == value:
                 continue
             if key == "class_names":
@@ -131,7 +130,7 @@ def read_cache(path, settings):
         print(f"logits cache: none yet at {path}")
         return {}
     try:
-        cache = utils.load_checkpoint(path, kind="logits")
+        cache = checkpoints.load(path, kind="logits")
     except UserError as error:
         print(f"logits cache: ignored ({error})")
         return {}
@@ -148,31 +147,15 @@ def view_batches(num_images, views, batch_size, seed):
     return [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
 
 
-def compute_logits(members, loader, device, precision, memory_format, desc):
-    """Every member's logits over the loader, in order: ([(N, C)] * M float32 on the CPU, (N,) labels)."""
-    outputs, labels = [[] for _ in members], []
-    with torch.inference_mode():
-        for images, targets in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
-            images = images.to(device, non_blocking=True, memory_format=memory_format)
-            with utils.autocast(device, precision):
-                for output, model in zip(outputs, members):
-                    output.append(model(images).float())
-            labels.append(targets)
-    return [torch.cat(o).cpu() for o in outputs], torch.cat(labels)
-
-
-def member_logits(todo, train_set, val_set, *, views, batch_size, seed, device, precision, workers):
+def member_logits(todo, train_set, val_set, *, views, batch_size, seed, runtime, workers):
     """Run the members in `todo` once, in eval mode, over val and over the train views (view after view);
     returns {sha256: {"train": (views * N, C), "val": (V, C), "train_labels", "val_labels"}}."""
-    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    modules = [models.member_from_spec(m, m["state_dict"]).eval().to(device, memory_format=memory_format)
-               for m in todo]
-    val_loader = data.make_loader(val_set, device=device, workers=workers, batch_size=batch_size)
-    val, val_labels = compute_logits(modules, val_loader, device, precision, memory_format, "val logits")
-    train_loader = data.make_loader(train_set, device=device, workers=workers,
+    modules = [runtime.place(checkpoints.build_member(m, m["state_dict"])) for m in todo]
+    val_loader = data.make_loader(val_set, device=runtime.device, workers=workers, batch_size=batch_size)
+    val, val_labels = engine.infer(modules, val_loader, runtime, desc="val logits")
+    train_loader = data.make_loader(train_set, device=runtime.device, workers=workers,
                                     batch_sampler=view_batches(len(train_set), views, batch_size, seed))
-    train, train_labels = compute_logits(modules, train_loader, device, precision, memory_format,
-                                         f"train logits ({views} views)")
+    train, train_labels = engine.infer(modules, train_loader, runtime, desc=f"train logits ({views} views)")
     # labels come from the loader: an image unreadable since the scan is replaced by another, with its label
     return {m["sha256"]: {"train": t, "val": v, "train_labels": train_labels, "val_labels": val_labels}
             for m, t, v in zip(todo, train, val)}
@@ -237,11 +220,8 @@ def main(argv=None):
     start = time.perf_counter()
     utils.refuse_distributed("ensemble.py")
     check_args(args)
-    device = utils.resolve_device(args.device)
-    precision = utils.resolve_precision(args.precision, device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    workers = data.loader_workers(args.workers, device)
+    runtime = engine.resolve_runtime(args.device, args.precision, args.channels_last)
+    workers = data.loader_workers(args.workers, runtime.device)
     member_paths = [Path(path) for path in args.members]  # argparse leaves a list default as strings
     check_members_exist(member_paths, defaults=args.members == DEFAULT_MEMBERS)
     utils.check_writable(args.out_dir)
@@ -249,33 +229,33 @@ def main(argv=None):
 
     # ----------------------------------------------------------------- members and data
     members = load_members(member_paths)
-    meta = utils.model_meta(members[0])
-    class_names, num_classes = meta["class_names"], len(meta["class_names"])
+    task = checkpoints.task_of(members[0])
+    class_names, num_classes = task["class_names"], len(task["class_names"])
     train_paths, train_labels, found = data.load_split(args.data_dir, "train")
     if found != class_names:
         raise UserError(f"{args.data_dir / 'train'} has other classes than the members ({len(found)} vs "
                         f"{num_classes}, or another order); point --data-dir at the data they were trained on")
     val_paths, val_labels, _ = data.load_split(args.data_dir, "val", class_names)
-    norm = {"mean": meta["mean"], "std": meta["std"]}
-    train_set = data.ImageDataset(train_paths, train_labels, data.train_transform(meta["img_size"], **norm))
-    val_set = data.ImageDataset(val_paths, val_labels, data.eval_transform(meta["img_size"], **norm))
+    norm = {"mean": task["mean"], "std": task["std"]}
+    train_set = data.ImageDataset(train_paths, train_labels, transforms.train_transform(task["img_size"], **norm))
+    val_set = data.ImageDataset(val_paths, val_labels, transforms.eval_transform(task["img_size"], **norm))
     print(f"{len(members)} members, {num_classes} classes, {len(train_set)} train images x {args.views} views, "
-          f"{len(val_set)} val images; {device} [{precision}]")
+          f"{len(val_set)} val images; {runtime.device} [{runtime.precision}]")
 
     # ------------------------------------------------------------------ logits (cached)
-    settings = {"version": CACHE_VERSION, "views": args.views, "seed": args.seed, "precision": precision,
+    settings = {"version": CACHE_VERSION, "views": args.views, "seed": args.seed, "precision": runtime.precision,
                 "data": data_fingerprint(args.data_dir, {"train": (train_paths, train_labels),
-                                                         "val": (val_paths, val_labels)}), **meta}
+                                                         "val": (val_paths, val_labels)}), **task}
     cached = read_cache(cache_path, settings)
     todo = [m for m in members if m["sha256"] not in cached]
     if todo:
         print(f"logits cache: reused for {len(members) - len(todo)} of {len(members)} members; computing the "
               f"logits of {', '.join(m['source'] for m in todo)}")
         cached.update(member_logits(todo, train_set, val_set, views=args.views,
-                                    batch_size=utils.resolve_batch_size(args.batch_size, device),
-                                    seed=args.seed, device=device, precision=precision, workers=workers))
-        utils.atomic_save_torch({"format": utils.CHECKPOINT_FORMAT, "kind": "logits", "settings": settings,
-                                 "members": {m["sha256"]: cached[m["sha256"]] for m in members}}, cache_path)
+                                    batch_size=engine.resolve_batch_size(args.batch_size, runtime.device),
+                                    seed=args.seed, runtime=runtime, workers=workers))
+        checkpoints.save(checkpoints.logits_cache(settings, {m["sha256"]: cached[m["sha256"]] for m in members}),
+                         cache_path)
     else:
         print(f"logits cache: reused for all {len(members)} members ({cache_path})")
     logits_seconds = time.perf_counter() - start
@@ -293,13 +273,14 @@ def main(argv=None):
         head_acc = accuracy(head(val_x), val_y)
     member_val = torch.stack([entry["val"] for entry in logits])  # (M, V, C)
     metrics = {
-        "members": [{"path": m["source"], "model": m["model"], "arch": m["arch"], "weights": m["weights"],
+        "members": [{"path": m["source"], "model": m["model"], "arch": m["arch"], "use_ema": m["use_ema"],
                      "val_acc": accuracy(v, val_y)} for m, v in zip(members, member_val)],
         "logit_average_val_acc": accuracy(member_val.mean(0), val_y),
         "softmax_average_val_acc": accuracy(member_val.softmax(-1).mean(0), val_y),
         "head_val_acc": head_acc, "views": args.views, "epochs": args.epochs, "lr": args.lr,
-        "weight_decay": args.weight_decay, "seed": args.seed, "precision": precision, "device": str(device),
-        "train_images": len(train_set), "val_images": len(val_set),
+        "weight_decay": args.weight_decay, "seed": args.seed, "precision": runtime.precision,
+        "device": str(runtime.device), "data_dir": str(args.data_dir), "train_images": len(train_set),
+        "val_images": len(val_set),
         "cache": {"reused": len(members) - len(todo), "computed": len(todo)},
         "seconds": {"logits": logits_seconds, "head": time.perf_counter() - start - logits_seconds},
         "history": history,
@@ -307,9 +288,7 @@ def main(argv=None):
 
     # ---------------------------------------------------------------------- save
     metrics["seconds"]["total"] = time.perf_counter() - start
-    ckpt = {"format": utils.CHECKPOINT_FORMAT, "kind": "ensemble", **meta, "members": members,
-            "head_state_dict": head.state_dict(), "metrics": metrics}
-    utils.atomic_save_torch(ckpt, args.out_dir / "ensemble.pt")
+    checkpoints.save(checkpoints.ensemble_checkpoint(members, head.state_dict(), metrics), args.out_dir / "ensemble.pt")
     utils.atomic_write_json(args.out_dir / "metrics.json", metrics)
 
     width = max(len(m["source"]) for m in members) + 16

@@ -15,11 +15,11 @@ import sys
 from pathlib import Path
 
 import pandas as pd
-import torch
-from tqdm import tqdm
 
+import checkpoints
 import data
-import models
+import engine
+import transforms
 import utils
 from utils import UserError
 
@@ -34,8 +34,8 @@ def get_args_parser():
     parser.add_argument("--data-dir", type=Path, default=Path("data"), help="data folder; its test/ is predicted")
     parser.add_argument("--test-dir", type=Path, help="flat folder of test images, instead of DATA_DIR/test")
     parser.add_argument("--out", type=Path, default=Path("prediction.csv"), help="the CSV to write")
-    parser.add_argument("--zip", type=Path, default=Path("submission.zip"),
-                        help="the zip to upload (prediction.csv at its root)")
+    parser.add_argument("--zip", type=Path, help="the zip to upload (prediction.csv at its root); by default "
+                        "submission.zip beside --out")
     parser.add_argument("--tta", default="none", choices=tuple(TTA_VIEWS), help="test-time augmentation: "
                         "hflip averages the logits of each image and of its mirror image (twice the compute)")
     parser.add_argument("--topk", type=int, default=0, help="also write probabilities.csv beside --out with "
@@ -44,58 +44,22 @@ def get_args_parser():
     parser.add_argument("--labels", type=Path, help="CSV image_name,label of the test images: print the accuracy")
     parser.add_argument("--skip-bad", action="store_true", help="leave unreadable test images out of the CSV "
                         "with a warning; without it they are an error, since a submission must be complete")
-    utils.add_inference_args(parser, precision_help="auto: bf16 on GPUs that have it, else fp16 on GPU; fp32 on "
-                             "CPU (bf16 there is 1.5-2.2x faster on CPUs with AMX / AVX512-BF16)")
-    parser.add_argument("--channels-last", default="on", choices=("on", "off"),
-                        help="channels_last memory format (faster convolutions on CUDA and on CPU)")
+    engine.add_inference_args(parser)
     return parser
 
 
 # ----------------------------------------------------------------------------
 # test-time augmentation: views of a normalised batch, made on the device (no second decode)
 
-def identity(x):
-    return x
-
-
 def hflip(x):
     return x.flip(-1)
 
 
-TTA_VIEWS = {"none": (identity,), "hflip": (identity, hflip)}
+TTA_VIEWS = {"none": (engine.identity,), "hflip": (engine.identity, hflip)}
 
 
 # ----------------------------------------------------------------------------
 # inference
-
-def predict_logits(model, paths, *, img_size, mean, std, device, precision="fp32", channels_last=False,
-                   batch_size=64, workers=0, tta="none", progress=True):
-    """Logits (N, C) float32 on the CPU of the images `paths`, in their order, averaged over the TTA
-    views, with the checkpoint's own eval pipeline (data.eval_transform). Moves `model` to `device`."""
-    # the labels are the indices: ImageDataset replaces an image that fails to read by the next one,
-    # which would shift every later prediction, so each batch is checked to be the images asked for
-    dataset = data.ImageDataset(paths, range(len(paths)), data.eval_transform(img_size, mean=mean, std=std))
-    loader = data.make_loader(dataset, device=device, workers=workers, batch_size=batch_size)
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    model.to(device, memory_format=memory_format).eval()
-    views = TTA_VIEWS[tta]
-    chunks, done = [], 0
-    with torch.inference_mode(), tqdm(total=len(paths), desc="predict", unit="img", disable=None if progress else True,
-                                      dynamic_ncols=True) as bar:
-        for images, indices in loader:
-            expected = torch.arange(done, done + len(indices))
-            if not torch.equal(indices, expected):
-                lost = paths[int(expected[indices != expected][0])]
-                raise UserError(f"test image {lost} could not be read any more (it was readable when scanned); "
-                                "check the file and run again")
-            images = images.to(device, non_blocking=True, memory_format=memory_format)
-            with utils.autocast(device, precision):
-                logits = torch.stack([model(view(images)).float() for view in views]).mean(0)  # (B, C)
-            chunks.append(logits.cpu())
-            done += len(indices)
-            bar.update(len(indices))
-    return torch.cat(chunks)
-
 
 def labels_of(logits, class_names):
     """The class folder name of each row's largest logit."""
@@ -152,23 +116,21 @@ def check_submission(frame, stems, class_names):
         raise RuntimeError(f"the submission has labels that are not classes: {unknown[:3]}; nothing was written")
 
 
-def main():
+def main(argv=None):
     utils.refuse_distributed("predict.py")
-    args = get_args_parser().parse_args()
+    args = get_args_parser().parse_args(argv)
     test_dir = args.test_dir or args.data_dir / "test"
+    args.zip = args.zip or args.out.with_name("submission.zip")
     utils.check_writable(args.out.parent, "--out")
     utils.check_writable(args.zip.parent, "--zip")
-    device = utils.resolve_device(args.device)
-    precision = utils.resolve_precision(args.precision, device)
-    batch_size = utils.resolve_batch_size(args.batch_size, device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    runtime = engine.resolve_runtime(args.device, args.precision, args.channels_last)
+    batch_size = engine.resolve_batch_size(args.batch_size, runtime.device)
 
     # ------------------------------------------------ checkpoint and test images
     if args.checkpoint == DEFAULT_CHECKPOINT and not args.checkpoint.is_file():
         raise UserError(f"--checkpoint {args.checkpoint} does not exist; run ensemble.py first, or pass a "
                         "member's checkpoint, e.g. --checkpoint runs/resnext/best.pt")
-    ckpt = utils.load_checkpoint(args.checkpoint)
+    ckpt = checkpoints.load(args.checkpoint)
     class_names = ckpt["class_names"]
     if not 0 <= args.topk <= len(class_names):
         raise UserError(f"--topk {args.topk} must be between 0 and the {len(class_names)} classes")
@@ -182,14 +144,15 @@ def main():
     truth = read_labels(args.labels, stems, class_names) if args.labels else None
 
     # --------------------------------------------------------------- inference
-    model = models.model_from_checkpoint(ckpt)  # built once every input is known to be fine
-    workers = data.loader_workers(args.workers, device)
+    model = checkpoints.model_from_checkpoint(ckpt)  # built once every input is known to be fine
+    workers = data.loader_workers(args.workers, runtime.device)
     print(f"{ckpt['kind']} checkpoint {args.checkpoint} ({len(class_names)} classes, {ckpt['img_size']} px) on "
-          f"{device} [{precision}]; {len(paths)} test images from {test_dir}; TTA {args.tta}")
-    logits = predict_logits(model, paths, img_size=ckpt["img_size"], mean=ckpt["mean"], std=ckpt["std"],
-                            device=device, precision=precision, channels_last=args.channels_last == "on",
-                            batch_size=batch_size, workers=workers, tta=args.tta)
-
+          f"{runtime.device} [{runtime.precision}]; {len(paths)} test images from {test_dir}; TTA {args.tta}")
+    # the labels are the indices, so that engine.predict_images can check each image is the one asked for
+    dataset = data.ImageDataset(paths, range(len(paths)),
+                                transforms.eval_transform(ckpt["img_size"], mean=ckpt["mean"], std=ckpt["std"]))
+    logits = engine.predict_images(model, dataset, runtime, batch_size=batch_size, workers=workers,
+                                   views=TTA_VIEWS[args.tta])
     # ------------------------------------------------------------------ write
     frame = pd.DataFrame({"image_name": stems, "pred_label": labels_of(logits, class_names)})
     check_submission(frame, stems, class_names)

@@ -22,9 +22,11 @@ import numpy as np
 import pandas as pd
 import torch
 
+import checkpoints
 import data
+import engine
 import models
-import predict
+import transforms
 import utils
 from utils import UserError
 
@@ -49,7 +51,7 @@ def get_args_parser():
                         "None: the one its run was trained on")
     parser.add_argument("--out", type=Path, help="the Markdown report to write (None: RUNS/report.md); the "
                         "other files go beside it")
-    utils.add_inference_args(parser, device_help="device of the best model's val predictions")
+    engine.add_inference_args(parser)
     return parser
 
 
@@ -90,7 +92,7 @@ def read_checkpoint(path, kind):
     if not path.is_file():
         return None, f"no {path.name}"
     try:
-        return utils.load_checkpoint(path, kind=kind), None
+        return checkpoints.load(path, kind=kind), None
     except UserError as error:
         return None, str(error)
 
@@ -173,12 +175,6 @@ def read_ensemble_run(folder):
         run.update(members=metrics["members"], logit_average=metrics["logit_average"],
                    softmax_average=metrics["softmax_average"], best_val_acc=metrics["head"],
                    head_epochs=metrics["head_epochs"], history=metrics["head_history"], data_dir=metrics["data_dir"])
-    if run["data_dir"] is None:  # ensemble.py trains on its members' data: take it from their run folders
-        for member in run["members"]:
-            config, _ = read_json(Path(member["path"]).parent / "config.json")
-            if config and config.get("data_dir"):
-                run["data_dir"] = config["data_dir"]
-                break
     return run
 
 
@@ -199,13 +195,14 @@ def find_runs(runs_dir):
 # ----------------------------------------------------------------------------
 # the best model's val predictions
 
-def predict_val(run, data_dir, device, batch_size, workers):
+def predict_val(run, data_dir, runtime, batch_size, workers):
     """(val paths, labels (N,), probabilities (N, C), class names) of a run's checkpoint on data_dir/val."""
-    ckpt = utils.load_checkpoint(run["checkpoint"])
+    ckpt = checkpoints.load(run["checkpoint"])
     paths, labels, class_names = data.load_split(data_dir, "val", ckpt["class_names"])
-    logits = predict.predict_logits(models.model_from_checkpoint(ckpt), paths, img_size=ckpt["img_size"],
-                                    mean=ckpt["mean"], std=ckpt["std"], device=device, batch_size=batch_size,
-                                    workers=workers)
+    dataset = data.ImageDataset(paths, range(len(paths)),
+                                transforms.eval_transform(ckpt["img_size"], mean=ckpt["mean"], std=ckpt["std"]))
+    logits = engine.predict_images(checkpoints.model_from_checkpoint(ckpt), dataset, runtime,
+                                   batch_size=batch_size, workers=workers, desc="val")
     return paths, torch.tensor(labels), logits.softmax(1), class_names
 
 
@@ -447,12 +444,12 @@ def main(argv=None):
 
     best = None
     if best_run is not None:
-        device = utils.resolve_device(args.device)
-        workers = data.loader_workers(args.workers, device)
+        runtime = engine.resolve_runtime(args.device, args.precision, args.channels_last)
+        workers = data.loader_workers(args.workers, runtime.device)
         print(f"best model: {best_run['name']} ({best_run['best_val_acc']:.2f}); predicting {data_dir / 'val'} "
-              f"on {device}")
-        batch_size = utils.resolve_batch_size(args.batch_size, device)
-        paths, labels, probs, class_names = predict_val(best_run, data_dir, device, batch_size, workers)
+              f"on {runtime.device} [{runtime.precision}]")
+        batch_size = engine.resolve_batch_size(args.batch_size, runtime.device)
+        paths, labels, probs, class_names = predict_val(best_run, data_dir, runtime, batch_size, workers)
         confidence, preds = probs.max(1)
         matrix = confusion_matrix(labels.numpy(), preds.numpy(), len(class_names))
         wrong = (preds != labels).nonzero().flatten()

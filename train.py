@@ -8,6 +8,8 @@ iteration, 50 epochs at 224 px. --lr and --min-lr are per 32 images: they are sc
 --batch-size. Writes last.pt (every epoch), best.pt, history.csv, config.json and curves.png.
 """
 import argparse
+import dataclasses
+import functools
 import math
 import os
 import shutil
@@ -18,20 +20,24 @@ from pathlib import Path
 import pandas as pd
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+import cache
+import checkpoints
 import data
+import engine
+import fused
 import models
+import transforms
 import utils
 from utils import UserError
 
 # flags that may differ when a run is resumed; every other flag comes from the checkpoint
 RUNTIME_FLAGS = ("data_dir", "out_dir", "cache_dir", "resume", "workers", "device", "stop_after", "save_every",
-                 "log_every", "compile", "detect_anomaly", "strict")
+                 "log_every", "compile", "detect_anomaly", "strict", "channels_last")
 ARTEFACTS = ("last.pt", "best.pt", "history.csv", "config.json", "curves.png")  # what a run writes in --out-dir
 
 
@@ -55,7 +61,7 @@ def get_args_parser():
     parser.add_argument("--weight-decay", type=float, default=0.0, help="SGD weight decay")
     parser.add_argument("--label-smoothing", type=float, default=0.0, help="cross-entropy label smoothing")
     parser.add_argument("--img-size", type=int, default=224, help="train and eval image size")
-    parser.add_argument("--aug", default="report", choices=data.TRAIN_AUGS, help="train augmentation: report "
+    parser.add_argument("--aug", default="report", choices=transforms.TRAIN_AUGS, help="train augmentation: report "
                         "(the report's chain), fused (the same random maps as one warp from a reduced JPEG "
                         "decode), fused-gpu (that warp done on the device for the whole batch)")
     parser.add_argument("--cache-size", type=int, default=0, help="decode each train image once, shorter side "
@@ -72,11 +78,7 @@ def get_args_parser():
     parser.add_argument("--seed", type=int, default=0, help="random seed (data order, augmentation, init)")
     parser.add_argument("--workers", type=int, default=-1, help="DataLoader workers per process (-1: 0 on "
                         "the CPU, else one per core of this process's share)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="device")
-    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                        help="auto: bf16 on GPUs that have it, else fp16 with a scaler; fp32 on CPU")
-    parser.add_argument("--channels-last", default="auto", choices=("auto", "on", "off"),
-                        help="channels_last memory format (auto: on for CUDA)")
+    engine.add_runtime_args(parser)
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across ranks under torchrun")
     parser.add_argument("--strict", action="store_true", help="refuse to train when an image is unreadable "
@@ -119,7 +121,7 @@ def resolve_args(args, given):
             return args, None
     else:
         path = Path(args.resume)
-    ckpt = utils.load_checkpoint(path, kind="member")
+    ckpt = checkpoints.load(path, kind="member")
     if args.model is not None and args.model != ckpt["model"]:
         raise UserError(f"--resume {path} holds a {ckpt['model']} run, not --model {args.model}")
     for key, value in ckpt["args"].items():
@@ -143,52 +145,10 @@ def lr_at(args, sections, steps_per_epoch, epoch, step):
     return scale * (args.min_lr + (args.lr - args.min_lr) * (1 + math.cos(math.pi * progress)) / 2)
 
 
-def evaluate(model, loader, device, precision, channels_last):
-    """Summed loss, correct and count over this rank's shard, reduced over ranks: each image counted once."""
-    model.eval()
-    totals = torch.zeros(3, dtype=torch.float64, device=device)
-    with torch.no_grad():
-        for images, labels in loader:
-            images = images.to(device, non_blocking=True, memory_format=channels_last)
-            labels = labels.to(device, non_blocking=True)
-            with utils.autocast(device, precision):
-                logits = model(images)
-            totals[0] += F.cross_entropy(logits.float(), labels, reduction="sum")
-            totals[1] += (logits.argmax(1) == labels).sum()
-            totals[2] += labels.numel()
-    if dist.is_initialized():
-        dist.all_reduce(totals)
-    loss, correct, count = totals.tolist()
-    return loss / count, 100 * correct / count
-
-
-def any_rank(flag, device):
-    """True on every rank when it is true on one (so that all ranks stop at the same step)."""
-    if not dist.is_initialized():
-        return bool(flag)
-    value = torch.tensor(float(flag), device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return value.item() > 0
-
-
-def gather_rng():
-    """Every rank's RNG state, gathered to all (rank 0 saves them)."""
-    state = utils.rng_state()
-    if not dist.is_initialized():
-        return [state]
-    states = [None] * dist.get_world_size()
-    dist.all_gather_object(states, state)
-    return states
-
-
 def write_history(out_dir, history, title, section_starts):
     """history.csv and curves.png, rewritten whole from the rows that last.pt holds."""
     utils.atomic_write_text(out_dir / "history.csv", pd.DataFrame(history).to_csv(index=False))
     utils.plot_curves(history, out_dir / "curves.png", title=title, section_starts=section_starts)
-
-
-def all_finite(tensors):
-    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
 def check_disk_space(out_dir, model, ema):
@@ -201,19 +161,60 @@ def check_disk_space(out_dir, model, ema):
                         f"{needed / 2**30:.1f} GiB (new and previous); free some space or choose another folder")
 
 
-def main():
-    args, ckpt = resolve_args(get_args_parser().parse_args(), explicit_flags(sys.argv[1:]))
+def open_cache(args, train_paths, local_rank, is_main):
+    """The decoded-image cache of --cache-size (None when 0): each node's first process builds it, the
+    others then open it."""
+    if args.cache_size != 0 and args.cache_size < args.img_size:
+        raise UserError(f"--cache-size {args.cache_size} is below --img-size {args.img_size}, so every crop would "
+                        f"be enlarged; use 0 (no cache) or at least {args.img_size} (2x keeps most crops sharp)")
+    if args.cache_size == 0:
+        return None
+    decoded = None
+    if local_rank == 0:
+        decoded = cache.DecodedCache.build(train_paths, args.cache_dir, args.cache_size, progress=is_main)
+    if dist.is_initialized():
+        dist.barrier()
+    if decoded is None:
+        decoded = cache.DecodedCache.load(train_paths, args.cache_dir, args.cache_size)
+    if decoded is None:
+        raise UserError(f"--cache-dir {args.cache_dir} must be one folder for all the processes of a node")
+    return decoded
+
+
+def forward_model(model, args, world_size, local_rank, device):
+    """The model the steps run: wrapped in DDP under torchrun (it registers only the parameters that need
+    grad, so it is rebuilt whenever unfreezing changes them) and compiled with --compile."""
+    if world_size > 1:
+        model = DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+    return torch.compile(model) if args.compile else model
+
+
+def save_last(out_dir, spec, training, state, args, is_main):
+    """Write out_dir/last.pt (rank 0; every rank calls this, for the RNG gather). Returns its path."""
+    rng = utils.gather_rng()
+    if not is_main:
+        return None
+    ema = training.ema.module.state_dict() if training.ema is not None else None
+    ckpt = checkpoints.member_checkpoint(spec, state_dict=training.model.state_dict(), ema_state_dict=ema,
+                                         state=state, optimizer=training.optimizer.state_dict(),
+                                         scaler=training.scaler.state_dict(), rng=rng, args=vars(args))
+    checkpoints.save(ckpt, out_dir / "last.pt")
+    return out_dir / "last.pt"
+
+
+def resume_hint(out_dir, world_size):
+    launcher = f"torchrun --nproc_per_node={world_size}" if world_size > 1 else "python"
+    return f"{launcher} train.py --resume {out_dir / 'last.pt'}"
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    args, ckpt = resolve_args(get_args_parser().parse_args(argv), explicit_flags(argv))
     rank, world_size, local_rank = utils.init_distributed()
     is_main = rank == 0
     log = print if is_main else (lambda *a, **k: None)
-    device = utils.resolve_device(args.device, local_rank)
-    precision = utils.resolve_precision(args.precision, device)
-    channels_last = torch.channels_last if (args.channels_last == "on" or (
-        args.channels_last == "auto" and device.type == "cuda")) else torch.contiguous_format
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    runtime = engine.resolve_runtime(args.device, args.precision, args.channels_last, local_rank)
+    device = runtime.device
     torch.autograd.set_detect_anomaly(args.detect_anomaly)
     utils.seed_everything(args.seed + rank)
     out_dir = args.out_dir
@@ -227,23 +228,11 @@ def main():
     if ckpt is not None and ckpt["class_names"] != class_names:
         raise UserError(f"--resume {args.resume} was trained on other classes than {args.data_dir}/train "
                         f"({len(ckpt['class_names'])} vs {len(class_names)} classes, or another order)")
-    mean, std = data.IMAGENET_MEAN, data.IMAGENET_STD
-    train_pipeline = data.train_transform(args.img_size, aug=args.aug, mean=mean, std=std)
-    cache = None
-    if args.cache_size != 0 and args.cache_size < args.img_size:
-        raise UserError(f"--cache-size {args.cache_size} is below --img-size {args.img_size}, so every crop would "
-                        f"be enlarged; use 0 (no cache) or at least {args.img_size} (2x keeps most crops sharp)")
-    if args.cache_size > 0:  # each node's first process builds it, the others then open it
-        if local_rank == 0:
-            cache = data.DecodedCache.build(train_paths, args.cache_dir, args.cache_size, progress=is_main)
-        if dist.is_initialized():
-            dist.barrier()
-        if cache is None:
-            cache = data.DecodedCache.load(train_paths, args.cache_dir, args.cache_size)
-        if cache is None:
-            raise UserError(f"--cache-dir {args.cache_dir} must be one folder for all the processes of a node")
-    train_set = data.ImageDataset(train_paths, train_labels, train_pipeline, cache)
-    val_set = data.ImageDataset(val_paths, val_labels, data.eval_transform(args.img_size, mean=mean, std=std))
+    mean, std = transforms.IMAGENET_MEAN, transforms.IMAGENET_STD
+    train_set = data.ImageDataset(train_paths, train_labels,
+                                  transforms.train_transform(args.img_size, aug=args.aug, mean=mean, std=std),
+                                  open_cache(args, train_paths, local_rank, is_main))
+    val_set = data.ImageDataset(val_paths, val_labels, transforms.eval_transform(args.img_size, mean=mean, std=std))
     workers = data.loader_workers(args.workers, device, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
     sampler = data.TrainBatchSampler(len(train_set), args.batch_size, args.seed, rank, world_size)
     train_loader = data.make_loader(train_set, device=device, workers=workers, batch_sampler=sampler)
@@ -255,193 +244,124 @@ def main():
     if ckpt is None:
         model = models.build_model(args.model, args.arch, len(class_names), args.weights, args.vit_weights)
     else:  # everything comes from the checkpoint: no network, no original weights
-        model = models.member_from_spec(ckpt, ckpt["state_dict"])
+        model = checkpoints.build_member(ckpt, ckpt["state_dict"])
     if args.sync_bn and world_size > 1:
         if device.type != "cuda":
             raise UserError("--sync-bn needs CUDA GPUs (PyTorch's SyncBatchNorm); leave it out on the CPU")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model.to(device, memory_format=channels_last)
-    spec = models.member_spec(model, args.model, args.arch, class_names, args.img_size, mean, std)
+    runtime.place(model)
+    spec = checkpoints.member_spec(model, args.model, args.arch, class_names, args.img_size, mean, std)
     freeze = models.parse_unfreeze(args.unfreeze) if args.model == "resnext_freeze" else None
     sections = models.section_bounds(freeze, args.epochs) if freeze else [(1, args.epochs)]
+    section_starts = [first for first, _ in sections[1:]]
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    scaler = torch.amp.GradScaler(device.type, enabled=runtime.precision == "fp16")
     ema = ModelEmaV3(model, decay=args.ema_decay) if args.ema else None
-    criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+    prepare_images = None
+    if args.aug == "fused-gpu":  # batches of (uint8 crops, maps), warped on the device
+        prepare_images = functools.partial(fused.warp_on_device, img_size=args.img_size, mean=mean, std=std,
+                                           device=device, memory_format=runtime.memory_format)
+    training = engine.Training(model, model, optimizer, scaler, nn.CrossEntropyLoss(
+        label_smoothing=args.label_smoothing), runtime, ema, prepare_images)
     if is_main and ckpt is None:
         check_disk_space(out_dir, model, ema)
 
-    start_epoch, start_step, best_acc, best_epoch, history, partial = 1, 0, -1.0, 0, [], None
+    state = checkpoints.TrainState()
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         if ema is not None:
             ema.module.load_state_dict(ckpt["ema_state_dict"])
-        start_epoch, start_step = ckpt["epoch"] + 1, ckpt["step"]
-        best_acc, best_epoch, history, partial = ckpt["best_acc"], ckpt["best_epoch"], ckpt["history"], ckpt["partial"]
+        state = checkpoints.train_state(ckpt)
         if len(ckpt["rng"]) == world_size:
             utils.set_rng_state(ckpt["rng"][rank])
-        log(f"resuming {args.resume}: epoch {start_epoch}, step {start_step} of {steps_per_epoch}")
+        log(f"resuming {args.resume}: epoch {state.epoch + 1}, step {state.step} of {steps_per_epoch}")
         # an epoch's end writes last.pt, then best.pt and history.csv: a kill in between leaves those
         # behind last.pt, so bring them up to it before anything else is written
-        if is_main and history:
-            if ckpt["step"] == 0 and ckpt["best_epoch"] == ckpt["epoch"]:
+        if is_main and state.history:
+            if state.step == 0 and state.best_epoch == state.epoch:
                 utils.atomic_link(args.resume, out_dir / "best.pt")
-            write_history(out_dir, history, f"{args.model} ({args.arch})", [a for a, _ in sections[1:]])
+            write_history(out_dir, state.history, f"{args.model} ({args.arch})", section_starts)
 
     config = dict(vars(args), out_dir=str(out_dir), data_dir=str(args.data_dir), cache_dir=str(args.cache_dir),
-                  resume=args.resume, world_size=world_size, device=str(device), precision=precision, workers=workers,
-                  num_classes=len(class_names), train_images=len(train_set), val_images=len(val_set),
-                  steps_per_epoch=steps_per_epoch, peak_lr=args.lr * args.batch_size / 32,
+                  resume=args.resume, world_size=world_size, device=str(device), precision=runtime.precision,
+                  workers=workers, num_classes=len(class_names), train_images=len(train_set),
+                  val_images=len(val_set), steps_per_epoch=steps_per_epoch, peak_lr=args.lr * args.batch_size / 32,
                   params=models.count_params(model))
     if is_main:
         utils.atomic_write_json(out_dir / "config.json", config)
-        log(f"{args.model} ({args.arch}, {config['params'] / 1e6:.2f}M params) on {device} [{precision}], "
+        log(f"{args.model} ({args.arch}, {config['params'] / 1e6:.2f}M params) on {device} [{runtime.precision}], "
             f"{world_size} process(es); {len(class_names)} classes, {len(train_set)} train / "
             f"{len(val_set)} val images; {steps_per_epoch} steps of {args.batch_size} per epoch")
 
-    def save(epoch, step, partial_sums, weights):
-        """Write last.pt (rank 0; all ranks call this for the RNG gather). Returns the checkpoint path."""
-        rng = gather_rng()
-        if not is_main:
-            return None
-        state = dict(spec, format=utils.CHECKPOINT_FORMAT, kind="member", state_dict=model.state_dict(),
-                     ema_state_dict=ema.module.state_dict() if ema else None, weights=weights,
-                     epoch=epoch, step=step, partial=partial_sums, best_acc=best_acc, best_epoch=best_epoch,
-                     history=history, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), rng=rng,
-                     args={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()})
-        utils.atomic_save_torch(state, out_dir / "last.pt")
-        return out_dir / "last.pt"
-
-    def resume_hint():
-        launcher = "torchrun --nproc_per_node=%d" % world_size if world_size > 1 else "python"
-        return f"{launcher} train.py --resume {out_dir / 'last.pt'}"
-
-    def to_device(images):
-        """A train batch on the device; fused-gpu batches are (uint8 images, maps) warped there in one go."""
-        if args.aug != "fused-gpu":
-            return images.to(device, non_blocking=True, memory_format=channels_last)
-        pixels, maps = (t.to(device, non_blocking=True) for t in images)
-        return data.warp_batch(pixels, maps, args.img_size, mean=mean, std=std).contiguous(
-            memory_format=channels_last)
-
     # -------------------------------------------------------------------- loop
     stop = utils.StopSignal()
-    trainable, train_model, weights = None, None, ckpt["weights"] if ckpt else "raw"
-    for epoch in range(start_epoch, args.epochs + 1):
+    trainable = None
+    for epoch in range(state.epoch + 1, args.epochs + 1):
         model.train()
         stages = models.apply_unfreeze(model, freeze, epoch, args.freeze_bn_stats) if freeze else None
-        if train_model is None or stages != trainable:  # DDP registers only parameters that need grad
+        if training.forward_model is model or stages != trainable:
             trainable = stages
-            train_model = model
-            if world_size > 1:
-                train_model = DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda"
-                                                      else None)
-            if args.compile:
-                train_model = torch.compile(train_model)
-        sampler.set_epoch(epoch, start_step)
-        sums = partial or {"loss": 0.0, "correct": 0, "count": 0, "seconds": 0.0}
-        loss_sum = torch.tensor(sums["loss"], dtype=torch.float64, device=device)
-        correct = torch.tensor(sums["correct"], dtype=torch.int64, device=device)
-        count = sums["count"]
-        nonfinite_step = torch.tensor(-1, device=device)  # first step with a non-finite loss, found on device
-        epoch_start = time.perf_counter() - sums["seconds"]
-        bar = tqdm(train_loader, desc=f"epoch {epoch}/{args.epochs}", initial=start_step, total=steps_per_epoch,
-                   disable=None if is_main else True, leave=False, dynamic_ncols=True)
-        step = start_step
-        for images, labels in bar:
-            lr = lr_at(args, sections, steps_per_epoch, epoch, step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            images = to_device(images)
-            labels = labels.to(device, non_blocking=True)
-            with utils.autocast(device, precision):
-                logits = train_model(images)
-                loss = criterion(logits, labels)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            if ema is not None:
-                ema.update(model, step=(epoch - 1) * steps_per_epoch + step)
-            detached = loss.detach()
-            if not scaler.is_enabled():  # fp16's scaler skips bad steps itself
-                nonfinite_step.masked_fill_((nonfinite_step < 0) & ~torch.isfinite(detached), step)
-            loss_sum += detached.double() * labels.numel()
-            correct += (logits.detach().argmax(1) == labels).sum()
-            count += labels.numel()
-            step += 1
-            checkpoint_due = args.save_every and step % args.save_every == 0 and step < steps_per_epoch
-            # ranks enter this block together: a signal seen by one rank is shared at the next log step
-            signalled = stop.requested and world_size == 1
-            if step % args.log_every == 0 or checkpoint_due or signalled or step == steps_per_epoch:
-                bad_step, what = int(nonfinite_step.item()), "loss"
-                if bad_step < 0 and not scaler.is_enabled() and not all_finite(model.parameters()):
-                    # a finite loss but a non-finite gradient (at this step or since the last check) shows in the
-                    # weights; fp16's scaler skips such steps instead
-                    bad_step, what = step - 1, "gradient"
-                if any_rank(bad_step >= 0, device):
-                    good = out_dir / "last.pt" if (out_dir / "last.pt").exists() else args.resume or "none yet"
-                    raise UserError(f"non-finite {what} at epoch {epoch}, step {max(bad_step, 0) + 1} of "
-                                    f"{steps_per_epoch}; the last good checkpoint ({good}) is left intact; "
-                                    "lower --lr or look with --detect-anomaly")
-                elapsed = time.perf_counter() - epoch_start
-                bar.set_postfix(loss=f"{loss_sum.item() / count:.4f}", acc=f"{100 * correct.item() / count:.2f}",
-                                lr=f"{lr:.2e}", img_s=f"{count * world_size / elapsed:.0f}")
-                stopping = any_rank(stop.requested, device)
-                if checkpoint_due or (stopping and step < steps_per_epoch):
-                    partial = {"loss": loss_sum.item(), "correct": int(correct.item()), "count": count,
-                               "seconds": time.perf_counter() - epoch_start}
-                    path = save(epoch - 1, step, partial, weights)
-                    if stopping:
-                        log(f"stopped at epoch {epoch}, step {step}; checkpoint {path}; resume with: {resume_hint()}")
-                        sys.exit(128 + (stop.signum or 15))
-        bar.close()
-        start_step, partial = 0, None
+            training.forward_model = forward_model(model, args, world_size, local_rank, device)
+        sampler.set_epoch(epoch, state.step)
+        try:
+            metrics, stopped_at = engine.train_one_epoch(
+                training, train_loader, epoch=epoch, steps_per_epoch=steps_per_epoch,
+                lr_at=functools.partial(lr_at, args, sections, steps_per_epoch, epoch), start_step=state.step,
+                epoch_sums=state.epoch_sums, log_every=args.log_every, save_every=args.save_every, stop=stop,
+                save_partial=lambda step, sums: save_last(out_dir, spec, training, dataclasses.replace(
+                    state, step=step, epoch_sums=sums), args, is_main),
+                progress=is_main, desc=f"epoch {epoch}/{args.epochs}")
+        except engine.NonFiniteError as error:
+            good = out_dir / "last.pt" if (out_dir / "last.pt").exists() else args.resume or "none yet"
+            raise UserError(f"{error} of {steps_per_epoch}; the last good checkpoint ({good}) is left intact; "
+                            "lower --lr or look with --detect-anomaly") from error
+        if stopped_at is not None:
+            log(f"stopped at epoch {epoch}, step {stopped_at}; checkpoint {out_dir / 'last.pt'}; "
+                f"resume with: {resume_hint(out_dir, world_size)}")
+            sys.exit(128 + (stop.signum or 15))
 
         # ------------------------------------------------------------ evaluate
-        train_seconds = time.perf_counter() - epoch_start
-        train_totals = torch.stack([loss_sum, correct.double(), torch.tensor(count, device=device).double()])
-        if dist.is_initialized():
-            dist.all_reduce(train_totals)
-        train_loss, train_correct, train_count = train_totals.tolist()
+        val_started = time.perf_counter()
         if dist.is_initialized():  # rank 0's BatchNorm statistics are the ones saved: evaluate with them
             for buffer in [*model.buffers(), *(ema.module.buffers() if ema else [])]:
                 dist.broadcast(buffer, 0)
-        val_loss, val_acc = evaluate(model, val_loader, device, precision, channels_last)
-        row = {"epoch": epoch, "lr": lr, "train_loss": train_loss / train_count,
-               "train_acc": 100 * train_correct / train_count, "val_loss": val_loss, "val_acc": val_acc,
-               "seconds": time.perf_counter() - epoch_start, "images_per_s": train_count / train_seconds,
+        val = engine.evaluate(model, val_loader, runtime)
+        ema_val = engine.evaluate(ema.module, val_loader, runtime) if ema is not None else None
+        row = {"epoch": epoch, "lr": metrics["lr"], "train_loss": metrics["loss"], "train_acc": metrics["acc"],
+               "val_loss": val["loss"], "val_acc": val["acc"],
+               "seconds": metrics["seconds"] + time.perf_counter() - val_started,
+               "images_per_s": metrics["images_per_s"],
                "trainable_params": models.count_params(model, trainable_only=True)}
-        epoch_acc, weights = val_acc, "raw"
-        if ema is not None:
-            row["ema_val_loss"], row["ema_val_acc"] = evaluate(ema.module, val_loader, device, precision,
-                                                               channels_last)
-            if row["ema_val_acc"] > val_acc:
-                epoch_acc, weights = row["ema_val_acc"], "ema"
-        history.append(row)
-        improved = epoch_acc > best_acc
+        use_ema = ema_val is not None and ema_val["acc"] > val["acc"]
+        if ema_val is not None:
+            row["ema_val_loss"], row["ema_val_acc"] = ema_val["loss"], ema_val["acc"]
+        epoch_acc = ema_val["acc"] if use_ema else val["acc"]
+        state.history.append(row)
+        improved = epoch_acc > state.best_acc
         if improved:
-            best_acc, best_epoch = epoch_acc, epoch
-        path = save(epoch, 0, None, weights)
+            state.best_acc, state.best_epoch = epoch_acc, epoch
+        state.epoch, state.step, state.epoch_sums, state.use_ema = epoch, 0, None, use_ema
+        path = save_last(out_dir, spec, training, state, args, is_main)
         if is_main:
             if improved:
                 utils.atomic_link(path, out_dir / "best.pt")
-            write_history(out_dir, history, f"{args.model} ({args.arch})", [a for a, _ in sections[1:]])
+            write_history(out_dir, state.history, f"{args.model} ({args.arch})", section_starts)
             ema_note = f" ema_val_acc {row['ema_val_acc']:.2f}" if ema is not None else ""
-            tqdm.write(f"epoch {epoch}/{args.epochs} lr {lr:.2e} train_loss {row['train_loss']:.4f} "
-                       f"train_acc {row['train_acc']:.2f} val_loss {val_loss:.4f} val_acc {val_acc:.2f}{ema_note} "
-                       f"{row['images_per_s']:.0f} img/s {row['seconds']:.0f}s{' *' if improved else ''}")
-        stopping = any_rank(stop.requested, device)
+            tqdm.write(f"epoch {epoch}/{args.epochs} lr {row['lr']:.2e} train_loss {row['train_loss']:.4f} "
+                       f"train_acc {row['train_acc']:.2f} val_loss {row['val_loss']:.4f} "
+                       f"val_acc {row['val_acc']:.2f}{ema_note} {row['images_per_s']:.0f} img/s "
+                       f"{row['seconds']:.0f}s{' *' if improved else ''}")
+        stopping = utils.any_rank(stop.requested, device)
         if stopping or epoch == args.stop_after:
             if epoch < args.epochs:
-                log(f"stopped after epoch {epoch}; resume with: {resume_hint()}")
+                log(f"stopped after epoch {epoch}; resume with: {resume_hint(out_dir, world_size)}")
             if stopping:
                 sys.exit(128 + (stop.signum or 15))
             break
 
-    log(f"best val accuracy {best_acc:.2f}% (epoch {best_epoch}), saved in {out_dir / 'best.pt'}")
+    log(f"best val accuracy {state.best_acc:.2f}% (epoch {state.best_epoch}), saved in {out_dir / 'best.pt'}")
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -1,22 +1,17 @@
-"""Shared helpers for the scripts: errors, durable writes, checkpoints, devices, distributed."""
+"""Shared helpers for the scripts: errors, durable writes, random state, distributed, signals, curves."""
 import json
 import os
-import pickle
 import random
-import re
 import shutil
 import signal
 import sys
 import tempfile
 import zipfile
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-
-CHECKPOINT_FORMAT = "imgcls-checkpoint-1"
 
 
 class UserError(Exception):
@@ -148,37 +143,6 @@ def check_writable(out_dir, flag="--out-dir"):
 
 
 # ----------------------------------------------------------------------------
-# checkpoints: plain values and tensors only, always loaded with weights_only=True
-
-def load_checkpoint(path, kind=None):
-    """Load a checkpoint of this project; every way it can be wrong is a one-line UserError."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # weights_only runs no code: any failure (of many types) means a bad file
-        unsafe = re.search(r"GLOBAL (\S+) was not an allowed global", str(error))
-        if isinstance(error, pickle.UnpicklingError) and unsafe:
-            raise UserError(f"checkpoint {path} was refused: loading it would call {unsafe[1]}, but checkpoints "
-                            "hold only tensors and plain values; it is not from this project, or unsafe") from error
-        raise UserError(f"checkpoint {path} cannot be read ({type(error).__name__}): it is truncated, corrupt "
-                        "or not a checkpoint of this project") from error
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"checkpoint {path} is not a checkpoint of this project "
-                        "(train.py and ensemble.py write them)")
-    if kind is not None and ckpt.get("kind") != kind:
-        raise UserError(f"checkpoint {path} is a {ckpt.get('kind')} checkpoint, expected a {kind} one")
-    return ckpt
-
-
-def model_meta(ckpt):
-    """What identifies a checkpoint's task: compared across members and resumes."""
-    return {"class_names": ckpt["class_names"], "img_size": ckpt["img_size"],
-            "mean": ckpt["mean"], "std": ckpt["std"]}
-
-
-# ----------------------------------------------------------------------------
 # random state, saved in checkpoints so that a resumed run continues bit for bit
 
 def seed_everything(seed):
@@ -206,69 +170,6 @@ def set_rng_state(state):
 
 
 # ----------------------------------------------------------------------------
-# devices and precision
-
-def resolve_device(name, local_rank=0):
-    if name == "auto":
-        if torch.cuda.is_available():
-            name = "cuda"
-        elif torch.backends.mps.is_available():
-            name = "mps"
-        else:
-            name = "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
-        return torch.device("cuda", local_rank)
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise UserError("--device mps was asked for but MPS is not available; use --device cpu")
-    return torch.device(name)
-
-
-def resolve_precision(name, device):
-    """auto: bf16 on GPUs that have it, else fp16 (with a scaler) on GPU, fp32 elsewhere."""
-    if name == "auto":
-        if device.type == "cuda":
-            name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        else:
-            name = "fp32"
-    if name == "fp16" and device.type == "cpu":
-        raise UserError("--precision fp16 needs a GPU; use bf16 or fp32 on the CPU")
-    return name
-
-
-def add_inference_args(parser, device_help="device", precision_help=None):
-    """The flags of the scripts that run trained models over images (ensemble.py, predict.py, report.py):
-    --batch-size and --workers (resolved with resolve_batch_size, data.loader_workers), --device, and
-    --precision when precision_help is given."""
-    parser.add_argument("--batch-size", type=int, default=-1, help="images per forward pass (-1: 64 on a GPU, 8 "
-                        "on the CPU, where bigger batches run slower)")
-    parser.add_argument("--workers", type=int, default=-1, help="DataLoader workers decoding images (-1: 0 on "
-                        "the CPU, else one per core)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help=device_help)
-    if precision_help is not None:
-        parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                            help=precision_help)
-
-
-def resolve_batch_size(flag, device):
-    """Inference --batch-size: the value given, or for -1 64 on a GPU and 8 on the CPU, where bigger
-    batches spill out of the caches and run slower (BENCHMARKS.md: ResNets fastest at 4-8)."""
-    if flag == -1:
-        return 8 if device.type == "cpu" else 64
-    if flag < 1:
-        raise UserError(f"--batch-size {flag} must be at least 1 (or -1: 64 on a GPU, 8 on the CPU)")
-    return flag
-
-
-def autocast(device, precision):
-    if precision == "fp32":
-        return nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-# ----------------------------------------------------------------------------
 # distributed (torchrun)
 
 def init_distributed():
@@ -281,6 +182,25 @@ def init_distributed():
         torch.cuda.set_device(local_rank)
     dist.init_process_group(backend)
     return dist.get_rank(), dist.get_world_size(), local_rank
+
+
+def any_rank(flag, device):
+    """True on every rank when it is true on one (so that all ranks stop at the same step)."""
+    if not dist.is_initialized():
+        return bool(flag)
+    value = torch.tensor(float(flag), device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value.item() > 0
+
+
+def gather_rng():
+    """Every rank's RNG state (rng_state), gathered to all: rank 0 saves them."""
+    state = rng_state()
+    if not dist.is_initialized():
+        return [state]
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)
+    return states
 
 
 def refuse_distributed(script):

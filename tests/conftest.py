@@ -10,7 +10,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import data  # noqa: E402
+import demo_data  # noqa: E402
 
 TINY_VIT = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
                 image_size=32, patch_size=16)
@@ -19,7 +19,7 @@ TINY_VIT = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, inte
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory):
     """The demo dataset, built once per test session; treat it as read-only."""
-    return data.make_demo(tmp_path_factory.mktemp("demo") / "data", seed=0)
+    return demo_data.make_demo(tmp_path_factory.mktemp("demo") / "data", seed=0)
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,8 @@ from PIL import Image, ImageFilter
 from torch.utils.data import DataLoader
 
 import data
+import demo_data
+import transforms
 from utils import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -219,11 +221,11 @@ def test_any_mode_loads_as_rgb(tmp_path, mode, fmt):
 # ----------------------------------------------------------------------------
 # pipelines and datasets
 
-def normalised(value, mean=data.IMAGENET_MEAN, std=data.IMAGENET_STD):
+def normalised(value, mean=transforms.IMAGENET_MEAN, std=transforms.IMAGENET_STD):
     return ((torch.full((3,), float(value)) - torch.tensor(mean)) / torch.tensor(std))
 
 
-@pytest.mark.parametrize("pipeline", [data.train_transform, data.eval_transform])
+@pytest.mark.parametrize("pipeline", [transforms.train_transform, transforms.eval_transform])
 def test_batch_shape_dtype_and_normalisation(tmp_path, pipeline):
     paths = [write_image(tmp_path / f"{i}.png", Image.new("RGB", (50 + 7 * i, 40), "white")) for i in range(4)]
     loader = DataLoader(data.ImageDataset(paths, [0, 1, 2, 3], pipeline(24)), batch_size=4)
@@ -231,7 +233,7 @@ def test_batch_shape_dtype_and_normalisation(tmp_path, pipeline):
     assert x.shape == (4, 3, 24, 24) and x.dtype == torch.float32
     assert y.tolist() == [0, 1, 2, 3]
     white = normalised(1.0)[None, :, None, None]
-    if pipeline is data.eval_transform:
+    if pipeline is transforms.eval_transform:
         torch.testing.assert_close(x, white.expand_as(x), rtol=0, atol=1e-6)
     else:  # the random affine / perspective fill with black: only white and black (and blends) occur
         torch.testing.assert_close(x.amax(dim=(0, 2, 3)), white.flatten(), rtol=0, atol=1e-6)
@@ -240,26 +242,26 @@ def test_batch_shape_dtype_and_normalisation(tmp_path, pipeline):
 
 def test_eval_transform_uses_given_mean_and_std(tmp_path):
     path = write_image(tmp_path / "black.png", Image.new("RGB", (9, 9), "black"))
-    x, label = data.ImageDataset([path], None, data.eval_transform(8, mean=(0.5,) * 3, std=(0.25,) * 3))[0]
+    x, label = data.ImageDataset([path], None, transforms.eval_transform(8, mean=(0.5,) * 3, std=(0.25,) * 3))[0]
     assert label == -1
     torch.testing.assert_close(x, torch.full((3, 8, 8), -2.0), rtol=0, atol=0)
 
 
 def test_eval_transform_decodes_jpegs_at_reduced_size(tmp_path):
     path = write_image(tmp_path / "photo.jpg", noise_image((900, 500), seed=3).filter(ImageFilter.GaussianBlur(2)))
-    transform = data.eval_transform(112)
+    transform = transforms.eval_transform(112)
     assert data.load_rgb(path, 112).size == (225, 125)  # 1/4: the largest DCT scale keeping 112 px each way
     from_path = transform(path)
     torch.testing.assert_close(from_path, transform.pipeline(data.load_rgb(path, 112)), rtol=0, atol=0)
     full = transform(data.load_rgb(path))  # a decoded image is used as it is
     assert from_path.shape == full.shape == (3, 112, 112)
-    levels = (from_path - full).abs() * torch.tensor(data.IMAGENET_STD)[:, None, None] * 255
+    levels = (from_path - full).abs() * torch.tensor(transforms.IMAGENET_STD)[:, None, None] * 255
     assert levels.mean() < 1 and levels.max() < 16
 
 
 def test_seeded_items_are_pure_functions_of_the_seed(tmp_path):
     paths = [write_image(tmp_path / f"{i}.png", noise_image((48, 40), seed=i)) for i in range(2)]
-    dataset = data.ImageDataset(paths, [3, 4], data.train_transform(16))
+    dataset = data.ImageDataset(paths, [3, 4], transforms.train_transform(16))
     rng_before = torch.get_rng_state()
     a, label = dataset[(1, 123)]
     b, _ = dataset[(1, 123)]
@@ -271,7 +273,7 @@ def test_seeded_items_are_pure_functions_of_the_seed(tmp_path):
 
 def test_image_unreadable_after_the_scan_is_replaced_with_its_own_label(tmp_path):
     paths = [write_image(tmp_path / f"{i}.png", Image.new("RGB", (8, 8), (40 * i,) * 3)) for i in range(3)]
-    dataset = data.ImageDataset(paths, [0, 1, 2], data.eval_transform(8))
+    dataset = data.ImageDataset(paths, [0, 1, 2], transforms.eval_transform(8))
     paths[1].unlink()
     with pytest.warns(UserWarning, match="1.png"):
         x, label = dataset[1]
@@ -285,7 +287,7 @@ def test_image_unreadable_after_the_scan_is_replaced_with_its_own_label(tmp_path
 
 def test_dataset_is_picklable_and_loads_in_spawned_workers(tmp_path):
     paths = [write_image(tmp_path / f"{i}.png", noise_image((20, 20), seed=i)) for i in range(4)]
-    dataset = data.ImageDataset(paths, [0, 1, 2, 3], data.eval_transform(16))
+    dataset = data.ImageDataset(paths, [0, 1, 2, 3], transforms.eval_transform(16))
     loader = DataLoader(dataset, batch_size=2, num_workers=2, multiprocessing_context="spawn")
     batches = list(loader)
     assert [y.tolist() for _, y in batches] == [[0, 1], [2, 3]]
@@ -324,7 +326,7 @@ def test_start_step_resumes_at_the_right_batch():
 def test_large_seeds_work(tmp_path):
     (batch,) = batches(8, 8, seed=20240101, epoch=1)  # a date as seed: the raw sample seed exceeds 64 bits
     path = write_image(tmp_path / "a.png")
-    dataset = data.ImageDataset([path] * 8, [0] * 8, data.train_transform(8))
+    dataset = data.ImageDataset([path] * 8, [0] * 8, transforms.train_transform(8))
     assert all(dataset[item][0].shape == (3, 8, 8) for item in batch)
 
 
@@ -345,7 +347,7 @@ def test_shard_gives_every_index_once(n, world_size):
 
 def test_make_loader_with_batch_sampler(tmp_path):
     paths = [write_image(tmp_path / f"{i}.png", noise_image((20, 20), seed=i)) for i in range(6)]
-    dataset = data.ImageDataset(paths, list(range(6)), data.train_transform(16))
+    dataset = data.ImageDataset(paths, list(range(6)), transforms.train_transform(16))
     sampler = data.TrainBatchSampler(6, 4, seed=0)
     loader = data.make_loader(dataset, device=torch.device("cpu"), workers=0, batch_sampler=sampler)
     (x, y), = list(loader)
@@ -361,9 +363,9 @@ def file_bytes(root):
 
 def test_make_demo_is_deterministic(tmp_path):
     small = dict(train_per_class=1, val_per_class=1, test_per_class=1)
-    a = file_bytes(data.make_demo(tmp_path / "a", seed=5, **small))
-    b = file_bytes(data.make_demo(tmp_path / "b", seed=5, **small))
-    c = file_bytes(data.make_demo(tmp_path / "c", seed=6, **small))
+    a = file_bytes(demo_data.make_demo(tmp_path / "a", seed=5, **small))
+    b = file_bytes(demo_data.make_demo(tmp_path / "b", seed=5, **small))
+    c = file_bytes(demo_data.make_demo(tmp_path / "c", seed=6, **small))
     assert a == b
     assert a.keys() != c.keys() or a != c
 

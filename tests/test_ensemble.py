@@ -7,9 +7,11 @@ import pytest
 import torch
 from conftest import run_script
 
+import checkpoints
 import data
 import ensemble
 import models
+import transforms
 import utils
 
 
@@ -46,13 +48,13 @@ def test_head_is_as_good_as_the_members_and_rebuilds_from_its_file(ensembled, de
     out_dir, metrics, _ = ensembled
     assert metrics["views"] == 1 and metrics["epochs"] == 20 and len(metrics["history"]) == 20
     assert metrics["head_val_acc"] >= max(m["val_acc"] for m in metrics["members"]) - 1
-    assert utils.load_checkpoint(out_dir / "ensemble.pt", kind="ensemble")["metrics"]["head_val_acc"] == \
+    assert checkpoints.load(out_dir / "ensemble.pt", kind="ensemble")["metrics"]["head_val_acc"] == \
         metrics["head_val_acc"]
     # predict needs ensemble.pt alone: rebuild it and score val from the images
-    ckpt = utils.load_checkpoint(out_dir / "ensemble.pt", kind="ensemble")
-    model = models.model_from_checkpoint(ckpt)
+    ckpt = checkpoints.load(out_dir / "ensemble.pt", kind="ensemble")
+    model = checkpoints.model_from_checkpoint(ckpt)
     paths, labels, _ = data.load_split(demo_dir, "val", ckpt["class_names"])
-    transform = data.eval_transform(ckpt["img_size"], mean=ckpt["mean"], std=ckpt["std"])
+    transform = transforms.eval_transform(ckpt["img_size"], mean=ckpt["mean"], std=ckpt["std"])
     val_set = data.ImageDataset(paths, labels, transform)
     loader = data.make_loader(val_set, device=torch.device("cpu"), workers=0, batch_size=64)
     with torch.no_grad():
@@ -63,9 +65,9 @@ def test_head_is_as_good_as_the_members_and_rebuilds_from_its_file(ensembled, de
 def test_members_stay_bit_identical(ensembled, member_runs):
     out_dir, _, hashes_before = ensembled
     assert [ensemble.file_sha256(p) for p in member_paths(member_runs)] == hashes_before
-    ckpt = utils.load_checkpoint(out_dir / "ensemble.pt", kind="ensemble")
+    ckpt = checkpoints.load(out_dir / "ensemble.pt", kind="ensemble")
     for member, path in zip(ckpt["members"], member_paths(member_runs)):
-        expected = models.chosen_weights(utils.load_checkpoint(path, kind="member"))
+        expected = checkpoints.inference_state_dict(checkpoints.load(path, kind="member"))
         assert member["source"] == str(path) and member["state_dict"].keys() == expected.keys()
         assert any(key.endswith("running_mean") for key in expected)  # BN statistics are compared too
         for key, value in expected.items():
@@ -74,7 +76,7 @@ def test_members_stay_bit_identical(ensembled, member_runs):
 
 def test_initial_head_is_the_logit_average(ensembled, member_runs, demo_dir, tmp_path):
     out_dir, metrics, _ = ensembled
-    cache = utils.load_checkpoint(out_dir / "logits_cache.pt", kind="logits")
+    cache = checkpoints.load(out_dir / "logits_cache.pt", kind="logits")
     val = torch.stack([entry["val"] for entry in cache["members"].values()])  # (M, V, C)
     num_members, _, num_classes = val.shape
     head = ensemble.averaging_head(num_members, num_classes)
@@ -85,7 +87,7 @@ def test_initial_head_is_the_logit_average(ensembled, member_runs, demo_dir, tmp
     untrained = run_ensemble(member_paths(member_runs), demo_dir, tmp_path, "--epochs", "0")
     assert untrained["cache"] == {"reused": 3, "computed": 0}
     assert untrained["head_val_acc"] == untrained["logit_average_val_acc"] == metrics["logit_average_val_acc"]
-    saved = utils.load_checkpoint(tmp_path / "ensemble.pt", kind="ensemble")["head_state_dict"]
+    saved = checkpoints.load(tmp_path / "ensemble.pt", kind="ensemble")["head_state_dict"]
     assert torch.equal(saved["weight"], head.weight) and not saved["bias"].any()
 
 
@@ -100,13 +102,13 @@ def test_cache_is_reused_and_invalidated(member_runs, small_data, tmp_path, caps
     assert "logits cache: reused for all 3 members" in capsys.readouterr().out
 
     # a member file changes: that member alone is recomputed, with the weights its checkpoint chose (EMA)
-    ckpt = utils.load_checkpoint(changing, kind="member")
+    ckpt = checkpoints.load(changing, kind="member")
     ckpt["ema_state_dict"] = {k: v + 1 if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
-    ckpt["weights"] = "ema"
+    ckpt["use_ema"] = True
     utils.atomic_save_torch(ckpt, changing)
     assert run_ensemble(members, small_data, out_dir, "--epochs", "1")["cache"] == {"reused": 2, "computed": 1}
-    saved = utils.load_checkpoint(out_dir / "ensemble.pt", kind="ensemble")["members"][2]
-    assert saved["weights"] == "ema"
+    saved = checkpoints.load(out_dir / "ensemble.pt", kind="ensemble")["members"][2]
+    assert saved["use_ema"]
     assert all(torch.equal(saved["state_dict"][k], v) for k, v in ckpt["ema_state_dict"].items())
 
     # the data changes (one image rewritten): everything is recomputed
@@ -119,7 +121,7 @@ def test_cache_is_reused_and_invalidated(member_runs, small_data, tmp_path, caps
 
 
 def altered_member(path, out_path, **changes):
-    ckpt = utils.load_checkpoint(path, kind="member")
+    ckpt = checkpoints.load(path, kind="member")
     ckpt.update(changes)
     utils.atomic_save_torch(ckpt, out_path)
     return out_path
@@ -127,7 +129,7 @@ def altered_member(path, out_path, **changes):
 
 def test_members_of_other_classes_are_a_one_line_error(member_runs, demo_dir, tmp_path):
     good = member_runs["resnext"] / "best.pt"
-    names = utils.load_checkpoint(good)["class_names"]
+    names = checkpoints.load(good)["class_names"]
     other = altered_member(member_runs["resnext_vit"] / "best.pt", tmp_path / "other.pt",
                            class_names=names[:-1] + ["cat"])
     result = run_script("ensemble.py", "--members", good, other, "--data-dir", demo_dir, "--out-dir", tmp_path / "out",

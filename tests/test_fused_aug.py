@@ -1,4 +1,4 @@
-"""The fused train augmentation (data.FusedTrainTransform, warp_batch) against torchvision's chain."""
+"""The fused train augmentation (fused.FusedTrainTransform, warp_batch) against torchvision's chain."""
 import math
 import pickle
 
@@ -10,10 +10,14 @@ from torchvision.transforms import v2
 from torchvision.transforms.functional import _get_inverse_affine_matrix, _get_perspective_coeffs
 
 import data
+import engine
+import fused
 import models
+import transforms
 from utils import UserError
 
 S = 64
+IMAGENET = dict(mean=transforms.IMAGENET_MEAN, std=transforms.IMAGENET_STD)
 IDENTITY = {"top": 0, "left": 0, "height": S, "width": S, "flip": False, "angle": 0.0, "endpoints": None}
 CORNERS = [[0, 0], [S - 1, 0], [S - 1, S - 1], [0, S - 1]]
 
@@ -34,7 +38,7 @@ def png(tmp_path_factory):
 
 def warp(img, params):
     """The fused CPU warp of PIL img with explicit parameters: float (3, S, S) in 0..255."""
-    return data.warp_image(img, data.train_maps(params, S), data.crop_box(params), S)
+    return fused.warp_image(img, fused.train_maps(params, S), fused.crop_box(params), S)
 
 
 def pixels(img):
@@ -85,7 +89,7 @@ def test_composed_map_is_the_chain_of_torchvision_inverse_maps():
     """maps[0] sends an output point where the chain's inverse maps, applied one after another, send it."""
     params = {"top": 7, "left": 11, "height": 50, "width": 70, "flip": True, "angle": 23.0,
               "endpoints": [[5, 9], [58, 1], [62, 55], [2, 60]]}
-    maps = data.train_maps(params, S)
+    maps = fused.train_maps(params, S)
     persp = np.append(_get_perspective_coeffs(CORNERS, params["endpoints"]), 1.0).reshape(3, 3)
     rot = np.vstack([np.reshape(_get_inverse_affine_matrix([S / 2, S / 2], params["angle"], [0, 0], 1.0,
                                                            [0.0, 0.0]), (2, 3)), [0, 0, 1]])
@@ -107,7 +111,7 @@ def test_params_are_torchvision_draws():
         source = Image.new("RGB", (width, height))
         for seed in range(6):
             torch.manual_seed(seed)
-            params = data.sample_train_params(width, height, S)
+            params = fused.sample_train_params(width, height, S)
             torch.manual_seed(seed)
             crop = v2.RandomResizedCrop(S).make_params([source])
             flip = bool(torch.rand(1) < 0.5)  # what RandomHorizontalFlip's forward draws
@@ -118,12 +122,12 @@ def test_params_are_torchvision_draws():
                 crop["top"], crop["left"], crop["height"], crop["width"]]
             assert (params["flip"], params["angle"], params["endpoints"] is not None) == (flip, angle, perspective)
             if perspective:
-                ours = data.homography(params["endpoints"], CORNERS).ravel()[:8]
+                ours = fused.homography(params["endpoints"], CORNERS).ravel()[:8]
                 np.testing.assert_allclose(ours, coeffs, rtol=1e-4, atol=1e-4)
 
 
 def test_fused_is_the_report_chain_under_one_seed(png):
-    chain, fused = data.train_transform(S), data.train_transform(S, aug="fused")
+    chain, fused = transforms.train_transform(S), transforms.train_transform(S, aug="fused")
     for seed in range(4):
         torch.manual_seed(seed)
         expected = chain(data.load_rgb(png))
@@ -141,34 +145,35 @@ def test_fused_is_the_report_chain_under_one_seed(png):
 
 def test_output_shape_dtype_and_normalisation(png):
     torch.manual_seed(0)
-    out = data.FusedTrainTransform(S)(str(png))
+    out = fused.FusedTrainTransform(S, **IMAGENET)(str(png))
     assert out.shape == (3, S, S) and out.dtype == torch.float32
-    fill = -torch.tensor(data.IMAGENET_MEAN) / torch.tensor(data.IMAGENET_STD)
+    mean, std = transforms.IMAGENET_MEAN, transforms.IMAGENET_STD
+    fill = -torch.tensor(mean) / torch.tensor(std)
     # identity maps on a square: exactly ToImage, ToDtype(scale=True), Normalize of the pixels
     img = np.array(textured(S, S))
     expected = v2.functional.normalize(v2.functional.to_dtype(torch.from_numpy(img).permute(2, 0, 1), torch.float32,
-                                                              scale=True), data.IMAGENET_MEAN, data.IMAGENET_STD)
-    got = data.normalize_255(torch.from_numpy(img).permute(2, 0, 1).float(), data.IMAGENET_MEAN, data.IMAGENET_STD)
+                                                              scale=True), mean, std)
+    got = fused.normalize_255(torch.from_numpy(img).permute(2, 0, 1).float(), mean, std)
     torch.testing.assert_close(got, expected)
     # a 30 degree turn leaves the corners to the chain's fill: black, normalised
-    corner = data.normalize_255(warp(textured(S, S), dict(IDENTITY, angle=30.0)), data.IMAGENET_MEAN,
-                                data.IMAGENET_STD)[:, 0, 0]
+    corner = fused.normalize_255(warp(textured(S, S), dict(IDENTITY, angle=30.0)), mean, std)[:, 0, 0]
     torch.testing.assert_close(corner, fill)
-    images, maps = data.train_transform(S, aug="fused-gpu")(str(png))
+    images, maps = transforms.train_transform(S, aug="fused-gpu")(str(png))
     assert images.shape == (3, S, S) and images.dtype == torch.uint8
     assert maps.shape == (2, 3, 3) and maps.dtype == torch.float32
 
 
 def test_train_transform_keeps_the_report_chain_and_refuses_unknown_augs():
-    chain = data.train_transform(S, mean=data.IMAGENET_MEAN, std=data.IMAGENET_STD)
+    chain = transforms.train_transform(S, mean=transforms.IMAGENET_MEAN, std=transforms.IMAGENET_STD)
     assert [type(t).__name__ for t in chain.transforms][:4] == [
         "RandomResizedCrop", "RandomHorizontalFlip", "RandomAffine", "RandomPerspective"]
     with pytest.raises(UserError, match="--aug fast is not one of report, fused, fused-gpu"):
-        data.train_transform(S, aug="fast")
+        transforms.train_transform(S, aug="fast")
 
 
 def test_dataset_items_are_a_function_of_the_seed(png, tmp_path):
-    dataset = pickle.loads(pickle.dumps(data.ImageDataset([png, png], [3, 4], data.train_transform(S, aug="fused"))))
+    transform = transforms.train_transform(S, aug="fused")
+    dataset = pickle.loads(pickle.dumps(data.ImageDataset([png, png], [3, 4], transform)))
     state = torch.get_rng_state()
     first, label = dataset[(1, 12345)]
     assert label == 4 and torch.equal(torch.get_rng_state(), state)
@@ -176,7 +181,7 @@ def test_dataset_items_are_a_function_of_the_seed(png, tmp_path):
     assert not torch.equal(dataset[(1, 12346)][0], first)
     # a file gone since the scan is skipped with a warning, the label following the image read
     gone = tmp_path / "gone.png"
-    dataset = data.ImageDataset([gone, png], [3, 4], data.train_transform(S, aug="fused"))
+    dataset = data.ImageDataset([gone, png], [3, 4], transforms.train_transform(S, aug="fused"))
     with pytest.warns(UserWarning, match="skipping unreadable image"):
         assert dataset[(0, 1)][1] == 4
 
@@ -186,29 +191,29 @@ def test_gpu_batch_warp_matches_the_cpu_warp(png):
     for seed in range(4):
         torch.manual_seed(seed)
         # the device warp reads the crop as the workers resize it: then both warps read the same pixels
-        params = data.sample_train_params(128, 96, S)
-        maps, box = data.train_maps(params, S), data.crop_box(params)
-        cpu = data.warp_image(src, maps, box, S)
+        params = fused.sample_train_params(128, 96, S)
+        maps, box = fused.train_maps(params, S), fused.crop_box(params)
+        cpu = fused.warp_image(src, maps, box, S)
         crop = src.resize((S, S), Image.Resampling.BILINEAR, box=box)
-        gpu = data.warp_batch(v2.functional.pil_to_tensor(crop)[None], torch.from_numpy(maps).float()[None], S,
-                              mean=(0, 0, 0), std=(1, 1, 1))[0]
+        gpu = fused.warp_batch(v2.functional.pil_to_tensor(crop)[None], torch.from_numpy(maps).float()[None], S,
+                               mean=(0, 0, 0), std=(1, 1, 1))[0]
         diff = (gpu * 255 - cpu).abs()
         assert (diff > 0.01).float().mean() < 0.002, seed  # a pixel on the mask's edge may differ
     # end to end: the workers' crop then the device warp, against the one-warp CPU path
     for seed in range(3):
         torch.manual_seed(seed)
-        images, maps = data.train_transform(S, aug="fused-gpu")(str(png))
+        images, maps = transforms.train_transform(S, aug="fused-gpu")(str(png))
         torch.manual_seed(seed)
-        expected = data.train_transform(S, aug="fused")(str(png))
-        assert (data.warp_batch(images[None], maps[None], S)[0] - expected).abs().mean() < 0.05
+        expected = transforms.train_transform(S, aug="fused")(str(png))
+        assert (fused.warp_batch(images[None], maps[None], S, **IMAGENET)[0] - expected).abs().mean() < 0.05
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_batch_warp_on_cuda_matches_cpu(png):
-    batch = [data.train_transform(S, aug="fused-gpu")(str(png)) for _ in range(4)]
+    batch = [transforms.train_transform(S, aug="fused-gpu")(str(png)) for _ in range(4)]
     images, maps = torch.stack([b[0] for b in batch]), torch.stack([b[1] for b in batch])
-    expected = data.warp_batch(images, maps, S)
-    got = data.warp_batch(images.cuda(), maps.cuda(), S).cpu()
+    expected = fused.warp_batch(images, maps, S, **IMAGENET)
+    got = fused.warp_batch(images.cuda(), maps.cuda(), S, **IMAGENET).cpu()
     assert ((got - expected).abs() > 0.02).float().mean() < 0.002
 
 
@@ -217,13 +222,13 @@ def test_valid_region_and_denominators():
     corners = np.array([[0.0, 0, 1], [1, 0, 1], [1, 1, 1], [0, 1, 1]])
     for seed in range(200):
         torch.manual_seed(seed)
-        maps = data.train_maps(data.sample_train_params(300, 200, 224), 224)
+        maps = fused.train_maps(fused.sample_train_params(300, 200, 224), 224)
         assert (corners @ maps.transpose(0, 2, 1))[..., 2].min() > 0
     for seed in range(10):
         torch.manual_seed(seed)
-        maps = data.train_maps(data.sample_train_params(300, 200, S), S)
-        exact = data.valid_mask(data.map_points(torch.from_numpy(maps)[None], S))[0].numpy()
-        assert (data.valid_region(maps, S) != exact).sum() <= 1
+        maps = fused.train_maps(fused.sample_train_params(300, 200, S), S)
+        exact = fused.valid_mask(fused.map_points(torch.from_numpy(maps)[None], S))[0].numpy()
+        assert (fused.valid_region(maps, S) != exact).sum() <= 1
 
 
 # ----------------------------------------------------------------------------
@@ -236,8 +241,8 @@ def test_draft_decode_keeps_the_resolution_the_crop_needs(tmp_path):
     for size, seed in [(size, seed) for size in (32, 224) for seed in range(30)]:
         torch.manual_seed(seed)
         with Image.open(path) as img:
-            params = data.sample_train_params(img.width, img.height, size)
-            scale = data.draft_for_crop(img, params, size)
+            params = fused.sample_train_params(img.width, img.height, size)
+            scale = fused.draft_for_crop(img, params, size)
             img.load()
             decoded = img.size
         factor = round(1 / scale)
@@ -255,9 +260,8 @@ def test_draft_decode_keeps_the_resolution_the_crop_needs(tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is visible")
 def test_bench_gpu_without_cuda_is_a_user_error(monkeypatch):
     import bench
-    monkeypatch.setattr("sys.argv", ["bench.py", "gpu"])
     with pytest.raises(UserError, match="bench.py gpu needs a CUDA GPU and none is visible"):
-        bench.main()
+        bench.main(["gpu"])
 
 
 def test_bench_building_blocks_on_cpu(tmp_path):
@@ -266,18 +270,17 @@ def test_bench_building_blocks_on_cpu(tmp_path):
     with Image.open(paths[0]) as img:
         assert 500 <= min(img.size) and max(img.size) <= 1000 and img.format == "JPEG"
     cpu_rates, _ = bench.per_core({"report": lambda p: bench.report_transform(S)(bench.report_loader(p)),
-                                   "fused": data.train_transform(S, aug="fused")}, paths, seconds=0.01)
+                                   "fused": transforms.train_transform(S, aug="fused")}, paths, seconds=0.01)
     assert set(cpu_rates) == {"report", "fused"} and min(cpu_rates.values()) > 0
-    device, size, threads = torch.device("cpu"), 32, torch.get_num_threads()
+    runtime, size, threads = engine.resolve_runtime("cpu"), 32, torch.get_num_threads()
     model = models.build_model("resnext", "resnet10t", 2, weights="none")
-    gpu_aug = data.ImageDataset(paths, labels, data.train_transform(size, aug="fused-gpu"))
+    gpu_aug = data.ImageDataset(paths, labels, transforms.train_transform(size, aug="fused-gpu"))
     batch = torch.utils.data.default_collate([gpu_aug[(i, i)] for i in range(4)])  # ([images, maps], labels)
     torch.set_num_threads(1)  # steps this small gain nothing from threads, which spin on a busy machine
     try:
-        step = bench.ProjectStep(model, device, "fp32", size)
-        step(*batch)
-        report = bench.ReportStep(model, device)
+        loss = bench.project_step(model, runtime, size)(*batch)
+        report = bench.ReportStep(model, runtime.device)
         report(*torch.utils.data.default_collate([bench.ReportDataset(paths, labels, size)[i] for i in range(4)]))
     finally:
         torch.set_num_threads(threads)
-    assert torch.isfinite(step.loss_sum) and math.isfinite(report.running_loss)
+    assert torch.isfinite(loss) and math.isfinite(report.running_loss)

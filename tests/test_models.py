@@ -5,6 +5,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+import checkpoints
 import models
 import utils
 from conftest import TINY_VIT
@@ -225,14 +226,13 @@ def test_pretrained_weights_offline_with_an_empty_cache(hf_cache):
 # ----------------------------------------------------------------------------
 # rebuilding from checkpoints
 
-def member_checkpoint(model, name, arch, weights="raw", ema_model=None):
-    return {"format": utils.CHECKPOINT_FORMAT, "kind": "member",
-            **models.member_spec(model, name, arch, [f"c{i}" for i in range(model.fc.out_features)], 32,
-                                 (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),
-            "state_dict": model.state_dict(),
-            "ema_state_dict": ema_model.state_dict() if ema_model is not None else None,
-            "weights": weights, "epoch": 1, "step": 2, "best_acc": 50.0, "best_epoch": 1, "history": [],
-            "args": {"model": name}}
+def member_checkpoint(model, name, arch, use_ema=False, ema_model=None):
+    spec = checkpoints.member_spec(model, name, arch, [f"c{i}" for i in range(model.fc.out_features)], 32,
+                                   (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    state = checkpoints.TrainState(epoch=1, step=2, best_acc=50.0, best_epoch=1, use_ema=use_ema)
+    return checkpoints.member_checkpoint(spec, state_dict=model.state_dict(), ema_state_dict=ema_model.state_dict()
+                                         if ema_model is not None else None, state=state, optimizer={}, scaler={},
+                                         rng=[], args={"model": name})
 
 
 def perturbed(model):
@@ -248,8 +248,8 @@ def test_member_checkpoint_round_trip(tmp_path, name):
     model = models.build_model(name, "resnet10t", 4, weights="none", vit_config=TINY_VIT).eval()
     perturbed(model.fc)  # so that the rebuilt fc differs from a fresh one
     utils.atomic_save_torch(member_checkpoint(model, name, "resnet10t"), tmp_path / "last.pt")
-    ckpt = utils.load_checkpoint(tmp_path / "last.pt", kind="member")
-    rebuilt = models.model_from_checkpoint(ckpt)
+    ckpt = checkpoints.load(tmp_path / "last.pt", kind="member")
+    rebuilt = checkpoints.model_from_checkpoint(ckpt)
     assert not rebuilt.training and models.vit_config_of(rebuilt) == models.vit_config_of(model)
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
@@ -259,8 +259,8 @@ def test_member_checkpoint_round_trip(tmp_path, name):
 def test_member_checkpoint_uses_the_chosen_weights(tmp_path):
     raw = resnet10t(4).eval()
     ema = perturbed(resnet10t(4).eval())
-    utils.atomic_save_torch(member_checkpoint(raw, "resnext", "resnet10t", "ema", ema), tmp_path / "best.pt")
-    rebuilt = models.model_from_checkpoint(utils.load_checkpoint(tmp_path / "best.pt"))
+    utils.atomic_save_torch(member_checkpoint(raw, "resnext", "resnet10t", True, ema), tmp_path / "best.pt")
+    rebuilt = checkpoints.model_from_checkpoint(checkpoints.load(tmp_path / "best.pt"))
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(rebuilt(x), ema(x)) and not torch.equal(rebuilt(x), raw(x))
@@ -273,7 +273,7 @@ def test_ensemble_checkpoint_round_trip(tmp_path):
     assert not any(p.requires_grad for p in ensemble.members.parameters())
     assert isinstance(ensemble.head, nn.Linear) and ensemble.head.in_features == 8
     specs = [member_checkpoint(m, "resnext", "resnet10t") for m in members]
-    ckpt = {"format": utils.CHECKPOINT_FORMAT, "kind": "ensemble", "class_names": specs[0]["class_names"],
+    ckpt = {"format": checkpoints.FORMAT, "kind": "ensemble", "class_names": specs[0]["class_names"],
             "img_size": 32, "mean": specs[0]["mean"], "std": specs[0]["std"],
             "members": [{k: s[k] for k in ("model", "arch", "class_names", "img_size", "mean", "std",
                                            "vit_config", "state_dict")} | {"source": f"m{i}.pt"}
@@ -281,8 +281,8 @@ def test_ensemble_checkpoint_round_trip(tmp_path):
             "head_state_dict": ensemble.head.state_dict()}
     utils.atomic_save_torch(ckpt, tmp_path / "ensemble.pt")
     with pytest.raises(UserError, match="expected a member"):
-        utils.load_checkpoint(tmp_path / "ensemble.pt", kind="member")
-    rebuilt = models.model_from_checkpoint(utils.load_checkpoint(tmp_path / "ensemble.pt", kind="ensemble"))
+        checkpoints.load(tmp_path / "ensemble.pt", kind="member")
+    rebuilt = checkpoints.model_from_checkpoint(checkpoints.load(tmp_path / "ensemble.pt", kind="ensemble"))
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert rebuilt.member_logits(x).shape == (2, 8)

@@ -9,9 +9,11 @@ import pytest
 import torch
 from torch import nn
 
+import checkpoints
 import data
-import models
+import engine
 import predict
+import transforms
 import utils
 from conftest import run_script
 from utils import UserError
@@ -23,16 +25,13 @@ def ensemble_ckpt(member_runs, tmp_path_factory):
     members = []
     for name in ("resnext", "resnext_freeze"):
         path = member_runs[name] / "best.pt"
-        ckpt = utils.load_checkpoint(path, kind="member")
-        members.append(dict(models.spec_from_checkpoint(ckpt), state_dict=models.chosen_weights(ckpt),
-                            source=str(path)))
+        members.append(checkpoints.ensemble_member(checkpoints.load(path, kind="member"), path, sha256=""))
     num_classes = len(members[0]["class_names"])
     torch.manual_seed(0)
     head = nn.Linear(len(members) * num_classes, num_classes)
-    ensemble = dict(utils.model_meta(members[0]), format=utils.CHECKPOINT_FORMAT, kind="ensemble",
-                    members=members, head_state_dict=head.state_dict())
+    ensemble = checkpoints.ensemble_checkpoint(members, head.state_dict(), metrics={})
     path = tmp_path_factory.mktemp("ensemble") / "ensemble.pt"
-    utils.atomic_save_torch(ensemble, path)
+    checkpoints.save(ensemble, path)
     return path
 
 
@@ -44,9 +43,9 @@ def demo_stems(demo_dir):
 def one_by_one(ckpt_path, paths, flip=False):
     """Logits of each image, read and transformed one at a time (eval_transform), as a per-image loop does.
     One forward pass over the stack gives the same numbers as one per image (eval mode) in less time."""
-    ckpt = utils.load_checkpoint(ckpt_path)
-    model = models.model_from_checkpoint(ckpt)
-    transform = data.eval_transform(ckpt["img_size"], mean=ckpt["mean"], std=ckpt["std"])
+    ckpt = checkpoints.load(ckpt_path)
+    model = checkpoints.model_from_checkpoint(ckpt)
+    transform = transforms.eval_transform(ckpt["img_size"], mean=ckpt["mean"], std=ckpt["std"])
     images = torch.stack([transform(path) for path in paths])
     with torch.no_grad():
         return model(images.flip(-1) if flip else images)
@@ -68,7 +67,7 @@ def test_predict_member(member_runs, demo_dir, tmp_path):
     assert frame["image_name"].tolist() == stems
 
     # the labels are the class folder names of the per-image argmax: "10" for index 10, never index 2
-    class_names = utils.load_checkpoint(ckpt_path)["class_names"]
+    class_names = checkpoints.load(ckpt_path)["class_names"]
     assert class_names == [str(i) for i in range(16)]
     paths, _ = data.load_test(demo_dir / "test")
     reference = one_by_one(ckpt_path, paths)
@@ -105,8 +104,9 @@ def test_predict_member(member_runs, demo_dir, tmp_path):
 
 def test_predict_ensemble_with_tta(ensemble_ckpt, demo_dir, tmp_path):
     out = tmp_path / "prediction.csv"
+    # the zip goes beside --out unless --zip says where
     run_script("predict.py", "--checkpoint", ensemble_ckpt, "--data-dir", demo_dir, "--out", out,
-               "--zip", tmp_path / "submission.zip", "--tta", "hflip", "--save-logits", "--workers", "0")
+               "--tta", "hflip", "--save-logits", "--workers", "0")
     stems = demo_stems(demo_dir)
     frame = read_csv(out)
     assert out.read_text().splitlines()[0] == "image_name,pred_label"
@@ -162,12 +162,13 @@ def test_unreadable_test_image(member_runs, demo_dir, tmp_path, monkeypatch, cap
 def test_image_unreadable_after_the_scan_is_an_error(member_runs, demo_dir, tmp_path):
     """The dataset would read the next image in its place, shifting every later prediction."""
     paths = [shutil.copy(p, tmp_path) for p in data.list_images(demo_dir / "test")[:3]]
-    ckpt = utils.load_checkpoint(member_runs["resnext"] / "best.pt")
-    model = models.model_from_checkpoint(ckpt)
+    ckpt = checkpoints.load(member_runs["resnext"] / "best.pt")
+    model = checkpoints.model_from_checkpoint(ckpt)
     Path(paths[1]).write_text("not an image any more\n")
     with pytest.warns(UserWarning), pytest.raises(UserError, match=re.escape(str(paths[1]))):
-        predict.predict_logits(model, paths, img_size=ckpt["img_size"], mean=ckpt["mean"], std=ckpt["std"],
-                               device=torch.device("cpu"), batch_size=2, progress=False)
+        dataset = data.ImageDataset(paths, range(3), transforms.eval_transform(ckpt["img_size"], mean=ckpt["mean"],
+                                                                               std=ckpt["std"]))
+        engine.predict_images(model, dataset, engine.resolve_runtime("cpu"), batch_size=2, workers=0, desc=None)
 
 
 def test_labels_file_errors(tmp_path):
@@ -207,11 +208,11 @@ def test_cli_mistakes(monkeypatch, tmp_path):
 
 
 def test_inference_batch_size_depends_on_the_device():
-    assert utils.resolve_batch_size(-1, torch.device("cpu")) == 8
-    assert utils.resolve_batch_size(-1, torch.device("cuda")) == 64
-    assert utils.resolve_batch_size(20, torch.device("cpu")) == 20
+    assert engine.resolve_batch_size(-1, torch.device("cpu")) == 8
+    assert engine.resolve_batch_size(-1, torch.device("cuda")) == 64
+    assert engine.resolve_batch_size(20, torch.device("cpu")) == 20
     with pytest.raises(UserError, match=r"^--batch-size 0 must be at least 1 \(or -1: 64 on a GPU, 8 on the CPU\)$"):
-        utils.resolve_batch_size(0, torch.device("cuda"))
+        engine.resolve_batch_size(0, torch.device("cuda"))
 
 
 def test_ctrl_c_is_one_line_and_leaves_the_previous_files(member_runs, demo_dir, tmp_path, monkeypatch, capsys):
@@ -222,7 +223,7 @@ def test_ctrl_c_is_one_line_and_leaves_the_previous_files(member_runs, demo_dir,
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(predict, "predict_logits", interrupted)
+    monkeypatch.setattr(engine, "predict_images", interrupted)
     monkeypatch.setattr("sys.argv", ["predict.py", "--checkpoint", str(member_runs["resnext"] / "best.pt"),
                                      "--data-dir", str(demo_dir), "--out", str(out), "--zip", str(zip_path)])
     with pytest.raises(SystemExit) as exit_info:

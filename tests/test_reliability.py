@@ -19,10 +19,12 @@ import pandas as pd
 import pytest
 import torch
 
-import data
+import checkpoints
+import demo_data
 import models
 import train
 import utils
+from test_checkpoints import V1_MEMBER_KEYS, as_version_1
 from utils import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,13 +54,11 @@ def train_here(cmd):
     """Run a train.py command line in this process (no interpreter start-up), on one thread like the
     subprocesses (so that results are bit-identical to theirs); its signal handlers are put back after."""
     handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
-    argv, threads = sys.argv, torch.get_num_threads()
-    sys.argv = ["train.py", *cmd[2:]]
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        train.main()
+        train.main(cmd[2:])
     finally:
-        sys.argv = argv
         torch.set_num_threads(threads)
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
@@ -98,7 +98,7 @@ def csv_holds(out_dir, rows):
 def assert_same_run(out_dir, reference):
     """The run in out_dir ended bit-identical to the uninterrupted reference run."""
     for name in ("last.pt", "best.pt"):
-        got, want = utils.load_checkpoint(out_dir / name), utils.load_checkpoint(reference / name)
+        got, want = checkpoints.load(out_dir / name), checkpoints.load(reference / name)
         assert (got["epoch"], got["step"], got["best_epoch"]) == (want["epoch"], want["step"], want["best_epoch"])
         assert got["state_dict"].keys() == want["state_dict"].keys()
         for key, value in want["state_dict"].items():
@@ -117,7 +117,7 @@ def assert_consistent(out_dir):
     if not (out_dir / "last.pt").exists():
         assert not (out_dir / "history.csv").exists()
         return
-    rows = utils.load_checkpoint(out_dir / "last.pt", kind="member")["history"]
+    rows = checkpoints.load(out_dir / "last.pt", kind="member")["history"]
     if (out_dir / "history.csv").exists():
         assert csv_holds(out_dir, rows) or csv_holds(out_dir, rows[:-1])
     else:
@@ -127,8 +127,8 @@ def assert_consistent(out_dir):
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """16 classes, 4 train images each: 8 steps of 8 images per epoch."""
-    return data.make_demo(tmp_path_factory.mktemp("tiny") / "data", seed=0, train_per_class=4, val_per_class=2,
-                          test_per_class=1)
+    return demo_data.make_demo(tmp_path_factory.mktemp("tiny") / "data", seed=0, train_per_class=4,
+                               val_per_class=2, test_per_class=1)
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +179,7 @@ def test_sigterm_checkpoints_then_printed_command_resumes_exactly(tiny_dir, refe
     assert "received SIGTERM: stopping after this step" in stderr
     command = re.search(r"resume with: (python train.py --resume (\S+))$", stdout, re.M)
     assert Path(command[2]) == out / "last.pt"
-    ckpt = utils.load_checkpoint(out / "last.pt", kind="member")
+    ckpt = checkpoints.load(out / "last.pt", kind="member")
     assert ckpt["epoch"] == 1 or (ckpt["epoch"], ckpt["step"]) == (2, 0)
     stale = [out / ".last.pt.k3x9q1zz.tmp", out / f".best.pt.{proc.pid}.tmp"]  # as a kill -9 mid-write leaves
     for path in stale:
@@ -201,9 +201,9 @@ def test_sigint_checkpoints_and_exits_130(tiny_dir, tmp_path):
     assert proc.returncode == 130, stderr
     assert "received SIGINT" in stderr and "Traceback" not in stderr
     assert f"resume with: python train.py --resume {out / 'last.pt'}" in stdout
-    ckpt = utils.load_checkpoint(out / "last.pt", kind="member")
+    ckpt = checkpoints.load(out / "last.pt", kind="member")
     # stopped after the step it was in: mid-epoch 1 with its running sums (or, signalled late, at its end)
-    assert (ckpt["epoch"], ckpt["step"]) == (1, 0) or ckpt["partial"]["count"] == 8 * ckpt["step"] > 0
+    assert (ckpt["epoch"], ckpt["step"]) == (1, 0) or ckpt["epoch_sums"]["count"] == 8 * ckpt["step"] > 0
 
 
 def test_second_signal_exits_at_once(monkeypatch, capsys):
@@ -253,13 +253,27 @@ def test_resume_after_kills_between_writes_and_mid_epoch_is_exact(tiny_dir, refe
     die_after_save(monkeypatch, 2, 3)  # the resume brings them up to last.pt first; then mid-epoch 3
     with pytest.raises(Killed):
         train_here(resume_cmd(out, "--save-every", 3))
-    ckpt = utils.load_checkpoint(out / "last.pt", kind="member")
+    ckpt = checkpoints.load(out / "last.pt", kind="member")
     assert (ckpt["epoch"], ckpt["step"]) == (2, 3) and csv_holds(out, ckpt["history"])
-    assert utils.load_checkpoint(out / "best.pt")["epoch"] == ckpt["best_epoch"]
+    assert checkpoints.load(out / "best.pt")["epoch"] == ckpt["best_epoch"]
     monkeypatch.setattr(utils, "atomic_save_torch", SAVE)
     capsys.readouterr()
     train_here(resume_cmd(out))
     assert f"resuming {out / 'last.pt'}: epoch 3, step 3 of 8" in capsys.readouterr().out
+    assert_same_run(out, reference)
+
+
+def test_version_1_mid_epoch_checkpoint_resumes_exactly(tiny_dir, reference, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    die_after_save(monkeypatch, 1, 5)
+    with pytest.raises(Killed):
+        train_here(train_cmd(tiny_dir, out, "--save-every", 5))
+    monkeypatch.setattr(utils, "atomic_save_torch", SAVE)
+    # rewritten as imgcls-checkpoint-1 wrote it, then resumed by the current code
+    old = as_version_1(torch.load(out / "last.pt", weights_only=True))
+    assert sorted(old) == V1_MEMBER_KEYS and (old["epoch"], old["step"]) == (1, 5) and old["partial"]["count"] == 40
+    torch.save(old, out / "last.pt")
+    train_here(resume_cmd(out))
     assert_same_run(out, reference)
 
 
@@ -289,7 +303,7 @@ def test_nonfinite_step_stops_and_keeps_last_good_checkpoint(tiny_dir, tmp_path,
         f"non-finite {kind} at epoch 1, step 3 of 8; the last good checkpoint ({out / 'last.pt'}) is left intact; "
         "lower --lr or look with --detect-anomaly")
     assert (out / "last.pt").read_bytes() == (tmp_path / "good.pt").read_bytes()
-    assert utils.load_checkpoint(out / "last.pt")["step"] == 2
+    assert checkpoints.load(out / "last.pt")["step"] == 2
 
 
 def test_diverging_lr_stops_before_any_bad_checkpoint(tiny_dir, tmp_path):
@@ -299,7 +313,7 @@ def test_diverging_lr_stops_before_any_bad_checkpoint(tiny_dir, tmp_path):
     found = re.fullmatch(rf"non-finite (loss|gradient) at epoch 1, step (\d) of 8; the last good checkpoint "
                          rf"\({re.escape(str(out / 'last.pt'))}\) is left intact; .*", str(info.value))
     assert found, info.value
-    ckpt = utils.load_checkpoint(out / "last.pt")
+    ckpt = checkpoints.load(out / "last.pt")
     assert ckpt["step"] == int(found[2]) - 1
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
 
@@ -343,9 +357,9 @@ def test_bad_checkpoint_gives_one_line_error(reference, tmp_path, kind, expected
     elif kind == "empty":
         path.write_bytes(b"")
     elif kind == "state dict":
-        torch.save(utils.load_checkpoint(reference / "last.pt")["state_dict"], path)
+        torch.save(checkpoints.load(reference / "last.pt")["state_dict"], path)
     else:
-        torch.save({"format": utils.CHECKPOINT_FORMAT, "kind": "ensemble"}, path)
+        torch.save({"format": checkpoints.FORMAT, "kind": "ensemble"}, path)
     message = resume_error("--resume", path)
     assert f"checkpoint {path} " in message and expected in message
 
@@ -353,7 +367,7 @@ def test_bad_checkpoint_gives_one_line_error(reference, tmp_path, kind, expected
 def test_malicious_checkpoint_is_refused_without_running_code(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "last.pt"
-    torch.save({"format": utils.CHECKPOINT_FORMAT, "kind": "member", "payload": RunsCode(marker)}, path)
+    torch.save({"format": checkpoints.FORMAT, "kind": "member", "payload": RunsCode(marker)}, path)
     message = resume_error("--resume", path)
     assert message.startswith(f"checkpoint {path} was refused: loading it would call ") and "open" in message
     with pytest.raises(UserError, match="cannot read it as a state dict"):
@@ -367,10 +381,8 @@ def test_resume_with_other_model_or_classes(reference, tiny_dir, tmp_path, monke
     other = tmp_path / "other"
     for split in ("train", "val"):
         shutil.copytree(tiny_dir / split, other / split, ignore=lambda folder, names: ["15"])
-    monkeypatch.setattr(sys, "argv", ["train.py", "--resume", str(reference / "last.pt"), "--data-dir", str(other),
-                                      "--workers", "0"])
     with pytest.raises(UserError, match=rf"trained on other classes than {re.escape(str(other / 'train'))} \(16 vs 15"):
-        train.main()
+        train.main(["--resume", reference / "last.pt", "--data-dir", other, "--workers", "0"])
 
 
 def project_calls(include_tests=True):
@@ -420,7 +432,7 @@ def test_artefacts_are_written_only_through_atomic_writers():
 
 def test_failed_save_leaves_previous_checkpoint_and_no_temp_file(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
-    utils.atomic_save_torch({"format": utils.CHECKPOINT_FORMAT, "weights": torch.arange(10.0)}, path)
+    utils.atomic_save_torch({"format": checkpoints.FORMAT, "weights": torch.arange(10.0)}, path)
     before = path.read_bytes()
 
     def save_until_full(obj, f, *args, **kwargs):
@@ -440,10 +452,8 @@ def test_unwritable_out_dir_fails_before_training(tiny_dir, tmp_path, monkeypatc
     blocker = tmp_path / "a-file"  # a folder below a file cannot be made, even by root (chmod cannot do that)
     blocker.write_text("")
     out = blocker / "run"
-    monkeypatch.setattr(sys, "argv", ["train.py", "--model", "resnext", "--data-dir", str(tiny_dir),
-                                      "--out-dir", str(out)])
     with pytest.raises(UserError, match=rf"^--out-dir {re.escape(str(out))} is not writable \("):
-        train.main()
+        train.main(["--model", "resnext", "--data-dir", tiny_dir, "--out-dir", out])
     with pytest.raises(UserError, match=rf"^could not write {re.escape(str(out / 'x.csv'))} \("):
         utils.atomic_write_text(out / "x.csv", "a,b\n")
 

@@ -9,10 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoints
 import data
+import demo_data
 import ensemble
 import models
 import report
+import transforms
 import utils
 
 
@@ -54,8 +57,8 @@ def val_outputs(model, ckpt, demo_dir):
     """Logits of a checkpoint's model on demo val ((N, M*C) member logits for an ensemble), and the labels,
     computed here independently of report.py."""
     paths, labels, _ = data.load_split(demo_dir, "val", ckpt["class_names"])
-    dataset = data.ImageDataset(paths, labels, data.eval_transform(ckpt["img_size"], mean=ckpt["mean"],
-                                                                   std=ckpt["std"]))
+    dataset = data.ImageDataset(paths, labels, transforms.eval_transform(ckpt["img_size"], mean=ckpt["mean"],
+                                                                         std=ckpt["std"]))
     loader = data.make_loader(dataset, device=torch.device("cpu"), workers=0, batch_size=64)
     with torch.no_grad():
         batches = [(model.member_logits(x) if ckpt["kind"] == "ensemble" else model(x), y) for x, y in loader]
@@ -72,9 +75,9 @@ def test_tables_equal_histories_and_checkpoints(runs_dir, result, member_runs, d
     markdown = (runs_dir / "report.md").read_text()
 
     # recomputed from ensemble.pt, which holds the members' best.pt weights: their logits, averages and head
-    ckpt = utils.load_checkpoint(runs_dir / "ensemble" / "ensemble.pt", kind="ensemble")
+    ckpt = checkpoints.load(runs_dir / "ensemble" / "ensemble.pt", kind="ensemble")
     assert [m["source"] for m in ckpt["members"]] == [str(member_runs[name] / "best.pt") for name in member_runs]
-    model = models.model_from_checkpoint(ckpt)
+    model = checkpoints.model_from_checkpoint(ckpt)
     logits, labels = val_outputs(model, ckpt, demo_dir)
     per_member = logits.view(len(logits), len(ckpt["members"]), -1)  # (N, M, C)
     recomputed = {name: accuracy(per_member[:, i], labels) for i, name in enumerate(member_runs)}
@@ -116,7 +119,7 @@ def test_tables_equal_histories_and_checkpoints(runs_dir, result, member_runs, d
     assert best["val_acc"] == pytest.approx(best["table_val_acc"], abs=1e-6)
     assert best["val_acc"] == pytest.approx(recomputed.get(best["run"], complete[best["run"]]), abs=1e-6)
     per_class = pd.read_csv(runs_dir / result["files"]["per_class"], keep_default_na=False)
-    assert per_class["class"].astype(str).tolist() == [str(i) for i in range(data.DEMO_CLASSES)]
+    assert per_class["class"].astype(str).tolist() == [str(i) for i in range(demo_data.DEMO_CLASSES)]
     assert per_class["images"].sum() == best["images"] == 160
     assert 100 * per_class["correct"].sum() / 160 == pytest.approx(best["val_acc"])
     pairs = best["top_confusions"]

@@ -7,9 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-import data
+import checkpoints
+import demo_data
 import models
-import utils
+import transforms
 from conftest import TINY_TRAIN, run_script
 
 HISTORY_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds", "images_per_s",
@@ -20,8 +21,8 @@ TIMING_COLUMNS = ["seconds", "images_per_s"]
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
     """32 train images (one step of 32 per epoch) and 48 val images."""
-    return data.make_demo(tmp_path_factory.mktemp("tiny") / "data", train_per_class=2, val_per_class=3,
-                          test_per_class=1)
+    return demo_data.make_demo(tmp_path_factory.mktemp("tiny") / "data", train_per_class=2, val_per_class=3,
+                               test_per_class=1)
 
 
 @pytest.mark.parametrize("name", models.MODEL_NAMES)
@@ -32,20 +33,20 @@ def test_run_writes_every_output(member_runs, demo_dir, name):
     history = pd.read_csv(run / "history.csv")
     assert list(history.columns) == HISTORY_COLUMNS
     assert history["epoch"].tolist() == [1, 2]
-    ckpt = utils.load_checkpoint(run / "last.pt", kind="member")
+    ckpt = checkpoints.load(run / "last.pt", kind="member")
     assert ckpt["model"] == name and ckpt["arch"] == "resnet10t" and ckpt["img_size"] == 32
-    assert ckpt["class_names"] == [str(i) for i in range(data.DEMO_CLASSES)]  # numeric order
-    assert ckpt["mean"] == list(data.IMAGENET_MEAN) and ckpt["std"] == list(data.IMAGENET_STD)
+    assert ckpt["class_names"] == [str(i) for i in range(demo_data.DEMO_CLASSES)]  # numeric order
+    assert ckpt["mean"] == list(transforms.IMAGENET_MEAN) and ckpt["std"] == list(transforms.IMAGENET_STD)
     assert (ckpt["vit_config"] is not None) == (name == "resnext_vit")
     assert ckpt["epoch"] == 2 and ckpt["step"] == 0
     for key in ("optimizer", "scaler", "rng", "best_acc", "best_epoch", "args", "state_dict"):
         assert key in ckpt, key
     assert ckpt["history"] == history.to_dict("records")
     assert ckpt["best_acc"] == history["val_acc"].max()
-    best = utils.load_checkpoint(run / "best.pt")
+    best = checkpoints.load(run / "best.pt")
     assert best["epoch"] == ckpt["best_epoch"] == int(history["val_acc"].idxmax()) + 1
     config = json.loads((run / "config.json").read_text())
-    assert config["model"] == name and config["num_classes"] == data.DEMO_CLASSES
+    assert config["model"] == name and config["num_classes"] == demo_data.DEMO_CLASSES
     assert config["peak_lr"] == pytest.approx(1e-3)
     assert Image.open(run / "curves.png").size == (1100, 400)
 
@@ -63,7 +64,7 @@ def test_lr_follows_the_report_cosine(member_runs):
 
 def test_freeze_model_trains_the_scheduled_stages(member_runs):
     history = pd.read_csv(member_runs["resnext_freeze"] / "history.csv")
-    model = models.build_model("resnext_freeze", "resnet10t", data.DEMO_CLASSES, weights="none")
+    model = models.build_model("resnext_freeze", "resnet10t", demo_data.DEMO_CLASSES, weights="none")
     fc = sum(p.numel() for p in model.fc.parameters())
     layer4 = sum(p.numel() for p in model.layer4.parameters())
     assert history["trainable_params"].tolist() == [fc, fc + layer4]  # --unfreeze 1:layer4
@@ -85,8 +86,8 @@ def test_stop_and_resume_is_bit_exact(tiny_data, tiny_vit_dir, tmp_path, name):
     assert "resume with: python train.py --resume" in stopped.stdout
     assert len(pd.read_csv(tmp_path / "split" / "history.csv")) == 1
     run_script("train.py", "--resume", tmp_path / "split" / "last.pt")
-    full = utils.load_checkpoint(tmp_path / "full" / "last.pt")
-    split = utils.load_checkpoint(tmp_path / "split" / "last.pt")
+    full = checkpoints.load(tmp_path / "full" / "last.pt")
+    split = checkpoints.load(tmp_path / "split" / "last.pt")
     for key, value in full["state_dict"].items():
         assert torch.equal(value, split["state_dict"][key]), key
     for a, b in zip(full["optimizer"]["state"].values(), split["optimizer"]["state"].values()):
@@ -118,9 +119,9 @@ def test_checkpoint_rebuilds_without_network(member_runs, monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", no_network)
     monkeypatch.setattr(ViTModel, "from_pretrained", no_network)
     for run in member_runs.values():
-        ckpt = utils.load_checkpoint(run / "best.pt")
-        model = models.model_from_checkpoint(ckpt)
-        reference = models.build_model(ckpt["model"], "resnet10t", data.DEMO_CLASSES, weights="none",
+        ckpt = checkpoints.load(run / "best.pt")
+        model = checkpoints.model_from_checkpoint(ckpt)
+        reference = models.build_model(ckpt["model"], "resnet10t", demo_data.DEMO_CLASSES, weights="none",
                                        vit_config=ckpt["vit_config"])
         reference.load_state_dict(ckpt["state_dict"])
         x = torch.randn(2, 3, 32, 32)

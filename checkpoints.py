@@ -1,0 +1,157 @@
+"""The one place that writes and reads the project's checkpoint files, and rebuilds models from them.
+
+A checkpoint is a dict of tensors and plain values, saved with torch.save and always loaded with
+torch.load(weights_only=True), so that loading one never runs code. Its "kind" is one of:
+
+- member:   train.py's last.pt / best.pt: the spec (SPEC_KEYS) that rebuilds the model offline, the
+            raw and EMA weights, and the training state that resumes the run exactly.
+- ensemble: ensemble.py's ensemble.pt: the task (TASK_KEYS), each member's spec and inference
+            weights, the stacking head.
+- logits:   ensemble.py's cache of the members' logits.
+
+Files of the previous format (imgcls-checkpoint-1) are upgraded when loaded (see upgrade).
+"""
+import pickle
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+import models
+import utils
+from utils import UserError
+
+FORMAT = "imgcls-checkpoint-2"
+READABLE_FORMATS = ("imgcls-checkpoint-1", FORMAT)
+SPEC_KEYS = ("model", "arch", "class_names", "img_size", "mean", "std", "vit_config")  # rebuild a member
+TASK_KEYS = ("class_names", "img_size", "mean", "std")  # what members of one ensemble must share
+
+
+@dataclass
+class TrainState:
+    """What a member checkpoint holds of its run besides weights, optimizer and RNG."""
+    epoch: int = 0  # epochs finished
+    step: int = 0  # steps of epoch + 1 done: a mid-epoch checkpoint when > 0
+    epoch_sums: dict = None  # the running sums of epoch + 1 (loss, correct, count, seconds) at `step`
+    best_acc: float = -1.0
+    best_epoch: int = 0
+    history: list = field(default_factory=list)  # a row per finished epoch (history.csv)
+    use_ema: bool = False  # inference uses the EMA weights (they scored better on val at `epoch`)
+
+
+# ----------------------------------------------------------------------------
+# reading
+
+def load(path, kind=None):
+    """Load a checkpoint of this project (upgraded to FORMAT); every way it can be wrong is a one-line
+    UserError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # weights_only runs no code: any failure (of many types) means a bad file
+        unsafe = re.search(r"GLOBAL (\S+) was not an allowed global", str(error))
+        if isinstance(error, pickle.UnpicklingError) and unsafe:
+            raise UserError(f"checkpoint {path} was refused: loading it would call {unsafe[1]}, but checkpoints "
+                            "hold only tensors and plain values; it is not from this project, or unsafe") from error
+        raise UserError(f"checkpoint {path} cannot be read ({type(error).__name__}): it is truncated, corrupt "
+                        "or not a checkpoint of this project") from error
+    if not isinstance(ckpt, dict) or ckpt.get("format") not in READABLE_FORMATS:
+        raise UserError(f"checkpoint {path} is not a checkpoint of this project "
+                        "(train.py and ensemble.py write them)")
+    if kind is not None and ckpt.get("kind") != kind:
+        raise UserError(f"checkpoint {path} is a {ckpt.get('kind')} checkpoint, expected a {kind} one")
+    return upgrade(ckpt)
+
+
+def upgrade(ckpt):
+    """A checkpoint of format 1 in FORMAT's key names: `weights` ("raw"/"ema", member and ensemble
+    members) became `use_ema`, `partial` became `epoch_sums`."""
+    if ckpt["format"] == FORMAT:
+        return ckpt
+    for entry in [ckpt, *(ckpt["members"] if ckpt["kind"] == "ensemble" else [])]:
+        if "weights" in entry:
+            entry["use_ema"] = entry.pop("weights") == "ema"
+    if "partial" in ckpt:
+        ckpt["epoch_sums"] = ckpt.pop("partial")
+    return dict(ckpt, format=FORMAT)
+
+
+def spec_of(ckpt):
+    """The SPEC_KEYS of a member checkpoint (or of an ensemble's member entry)."""
+    return {key: ckpt[key] for key in SPEC_KEYS}
+
+
+def task_of(ckpt):
+    """The TASK_KEYS: compared across the members of an ensemble."""
+    return {key: ckpt[key] for key in TASK_KEYS}
+
+
+def train_state(ckpt):
+    return TrainState(**{key: ckpt[key] for key in TrainState.__dataclass_fields__})
+
+
+def inference_state_dict(ckpt):
+    """The state dict a member checkpoint's training chose for inference: raw or EMA (`use_ema`)."""
+    return ckpt["ema_state_dict"] if ckpt.get("use_ema") else ckpt["state_dict"]
+
+
+def build_member(spec, state_dict):
+    """The member model that a spec describes, with these weights (no network, no original weights)."""
+    model = models.build_model(spec["model"], spec["arch"], len(spec["class_names"]), weights="none",
+                               vit_config=spec["vit_config"])
+    model.load_state_dict(state_dict)
+    return model
+
+
+def model_from_checkpoint(ckpt):
+    """The model a checkpoint (from load) describes, in eval mode, on the CPU. A member uses the weights
+    its training chose for inference."""
+    if ckpt["kind"] == "member":
+        model = build_member(ckpt, inference_state_dict(ckpt))
+    else:
+        model = models.StackingEnsemble([build_member(m, m["state_dict"]) for m in ckpt["members"]],
+                                        len(ckpt["class_names"]))
+        model.head.load_state_dict(ckpt["head_state_dict"])
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------
+# writing
+
+def member_spec(model, name, arch, class_names, img_size, mean, std):
+    """What a member checkpoint needs to rebuild its model and its input pipeline (SPEC_KEYS)."""
+    return dict(zip(SPEC_KEYS, (name, arch, list(class_names), int(img_size), list(mean), list(std),
+                                models.vit_config_of(model))))
+
+
+def member_checkpoint(spec, *, state_dict, ema_state_dict, state, optimizer, scaler, rng, args):
+    """train.py's last.pt: the spec, the weights (ema_state_dict None without --ema), the TrainState, the
+    optimizer, scaler and every rank's RNG state, and the run's flags (plain values)."""
+    return {"format": FORMAT, "kind": "member", **spec, "state_dict": state_dict, "ema_state_dict": ema_state_dict,
+            **asdict(state), "optimizer": optimizer, "scaler": scaler, "rng": rng,
+            "args": {key: str(value) if isinstance(value, Path) else value for key, value in args.items()}}
+
+
+def ensemble_member(ckpt, source, sha256):
+    """An ensemble's entry for one member checkpoint: its spec and inference weights, and where they came from."""
+    return dict(spec_of(ckpt), state_dict=inference_state_dict(ckpt), use_ema=bool(ckpt.get("use_ema")),
+                source=str(source), sha256=sha256)
+
+
+def ensemble_checkpoint(members, head_state_dict, metrics):
+    """ensemble.py's ensemble.pt: the members (ensemble_member entries, sharing TASK_KEYS) and the head."""
+    return {"format": FORMAT, "kind": "ensemble", **task_of(members[0]), "members": members,
+            "head_state_dict": head_state_dict, "metrics": metrics}
+
+
+def logits_cache(settings, members):
+    """ensemble.py's logits cache: {member sha256: logits and labels} computed under `settings`."""
+    return {"format": FORMAT, "kind": "logits", "settings": settings, "members": members}
+
+
+def save(ckpt, path):
+    """Write a checkpoint atomically (utils.atomic_write)."""
+    utils.atomic_save_torch(ckpt, path)
