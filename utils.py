@@ -18,11 +18,11 @@ class UserError(Exception):
     """A mistake the user can fix: printed as one line, never as a traceback."""
 
 
-def run_main(main):
-    """Run a script's main(), turning UserError into a one-line message and exit code 2, and Ctrl-C
-    (outside train.py's loop, which checkpoints on it) into one line and exit code 130."""
+def run_main(main, argv=None):
+    """Run a script's main(argv) (None: the command line), turning UserError into a one-line message and
+    exit code 2, and Ctrl-C (outside train.py's loop, which checkpoints on it) into one line and exit code 130."""
     try:
-        return main()
+        return main(argv)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -142,17 +142,15 @@ def test_unreadable_test_image(member_runs, demo_dir, tmp_path, monkeypatch, cap
             "--out", str(out), "--zip", str(zip_path), "--workers", "0"]
 
     # in this process, through run_main as `python predict.py` does: exit 2 and one line, no traceback
-    monkeypatch.setattr("sys.argv", argv)
     with pytest.raises(SystemExit) as exit_info:
-        utils.run_main(predict.main)
+        utils.run_main(predict.main, argv[1:])
     stderr = capsys.readouterr().err
     assert exit_info.value.code == 2 and stderr.startswith("error: ") and stderr.count("\n") == 1
     assert str(bad) in stderr and "--skip-bad" in stderr
     assert out.read_text() == "previous\n" and zip_path.read_bytes() == b"previous"
 
-    monkeypatch.setattr("sys.argv", argv + ["--skip-bad", "--labels", str(demo_dir / "test_labels.csv")])
     with pytest.warns(UserWarning, match=re.escape(str(bad))):
-        predict.main()
+        predict.main(argv[1:] + ["--skip-bad", "--labels", str(demo_dir / "test_labels.csv")])
     captured = capsys.readouterr()
     assert re.search(rf"warning: 1 unreadable .*: {re.escape(bad.name)}$", captured.err, re.MULTILINE)
     assert read_csv(out)["image_name"].tolist() == [s for s in demo_stems(demo_dir) if s != bad.stem]
@@ -199,12 +197,11 @@ def test_check_submission_refuses_incomplete_frames():
 
 def test_cli_mistakes(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("sys.argv", ["predict.py"])
     with pytest.raises(UserError, match="run ensemble.py first"):
-        predict.main()
+        predict.main([])
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(UserError, match="torchrun"):
-        predict.main()
+        predict.main([])
 
 
 def test_inference_batch_size_depends_on_the_device():
@@ -224,10 +221,9 @@ def test_ctrl_c_is_one_line_and_leaves_the_previous_files(member_runs, demo_dir,
         raise KeyboardInterrupt
 
     monkeypatch.setattr(engine, "predict_images", interrupted)
-    monkeypatch.setattr("sys.argv", ["predict.py", "--checkpoint", str(member_runs["resnext"] / "best.pt"),
-                                     "--data-dir", str(demo_dir), "--out", str(out), "--zip", str(zip_path)])
+    argv = ["--checkpoint", member_runs["resnext"] / "best.pt", "--data-dir", demo_dir, "--out", out, "--zip", zip_path]
     with pytest.raises(SystemExit) as exit_info:
-        utils.run_main(predict.main)
+        utils.run_main(predict.main, [str(a) for a in argv])
     assert exit_info.value.code == 130
     assert capsys.readouterr().err.strip() == ("interrupted: every file is written whole or not at all, so none "
                                                "is left half-written")
