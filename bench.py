@@ -46,7 +46,7 @@ import fused
 import models
 import predict
 import transforms
-from utils import UserError, run_main
+from utils import HelpFormatter, UserError, run_main
 
 REPORT_BATCH = 32
 REPORT_MEMBERS, REPORT_EPOCHS, REPORT_TRAIN_IMAGES = 3, 50, 20_700
@@ -704,7 +704,7 @@ def run_ensemble(args):
 # ----------------------------------------------------------------------------
 
 def get_args_parser():
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = HelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 

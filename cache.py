@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from data import default_workers, load_rgb
 from utils import UserError, atomic_save_npz, atomic_write, check_writable, remove_stale_temps
+from utils import progress as progress_bar
 
 
 def cached_size(width, height, size):
@@ -112,8 +112,7 @@ class DecodedCache:
 
         def write(f):
             with ThreadPoolExecutor(max_workers=workers or default_workers()) as pool, \
-                    tqdm(total=len(paths), desc=f"cache {size}px", unit="img", disable=None if progress else True,
-                         dynamic_ncols=True) as bar:
+                    progress_bar(desc=f"cache {size}px", total=len(paths), enabled=progress, unit="img") as bar:
                 for start in range(0, len(paths), 256):  # in chunks: finished images never pile up in memory
                     chunk = range(start, min(start + 256, len(paths)))
                     for img in pool.map(decode_resized, [paths[i] for i in chunk], [sizes[i] for i in chunk]):

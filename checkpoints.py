@@ -62,13 +62,15 @@ def load(path, kind=None):
         raise UserError(f"checkpoint {path} is not a checkpoint of this project "
                         "(train.py and ensemble.py write them)")
     if kind is not None and ckpt.get("kind") != kind:
-        raise UserError(f"checkpoint {path} is a {ckpt.get('kind')} checkpoint, expected a {kind} one")
+        article = {"member": "a", "ensemble": "an", "logits": "a"}
+        raise UserError(f"checkpoint {path} is {article.get(ckpt.get('kind'), 'a')} {ckpt.get('kind')} checkpoint, "
+                        f"expected {article[kind]} {kind} one")
     return upgrade(ckpt)
 
 
 def upgrade(ckpt):
     """A checkpoint of format 1 in FORMAT's key names: `weights` ("raw"/"ema", member and ensemble
-    members) became `use_ema`, `partial` became `epoch_sums`."""
+    members) became `use_ema`, `partial` became `epoch_sums`; an ensemble's `combiner` was always the head."""
     if ckpt["format"] == FORMAT:
         return ckpt
     for entry in [ckpt, *(ckpt["members"] if ckpt["kind"] == "ensemble" else [])]:
@@ -76,6 +78,8 @@ def upgrade(ckpt):
             entry["use_ema"] = entry.pop("weights") == "ema"
     if "partial" in ckpt:
         ckpt["epoch_sums"] = ckpt.pop("partial")
+    if ckpt["kind"] == "ensemble":
+        ckpt["combiner"] = "head"
     return dict(ckpt, format=FORMAT)
 
 
@@ -141,10 +145,11 @@ def ensemble_member(ckpt, source, sha256):
                 source=str(source), sha256=sha256)
 
 
-def ensemble_checkpoint(members, head_state_dict, metrics):
-    """ensemble.py's ensemble.pt: the members (ensemble_member entries, sharing TASK_KEYS) and the head."""
+def ensemble_checkpoint(members, head_state_dict, metrics, combiner="head"):
+    """ensemble.py's ensemble.pt: the members (ensemble_member entries, sharing TASK_KEYS) and the head that
+    combines their logits: the trained one, or (combiner "average") the one equal to their plain average."""
     return {"format": FORMAT, "kind": "ensemble", **task_of(members[0]), "members": members,
-            "head_state_dict": head_state_dict, "metrics": metrics}
+            "head_state_dict": head_state_dict, "combiner": combiner, "metrics": metrics}
 
 
 def logits_cache(settings, members):

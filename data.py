@@ -20,7 +20,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 
 import demo_data
-from utils import UserError, run_main
+from utils import HelpFormatter, UserError, run_main
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -65,24 +65,26 @@ def check_image(path):
         return f"{type(error).__name__}: {error}"
 
 
-def scan_images(paths, strict=False, workers=None, skip_hint="run without --strict to skip them"):
-    """Return the readable paths; warn about (or, with strict, refuse) the rest, by path.
-    skip_hint: how the calling script skips them, for the error."""
+def scan_images(paths, strict=False, workers=None, skip_hint="run without --strict to skip them", warn=True):
+    """Return the readable paths and the (path, reason) of the rest; warn about (or, with strict, refuse)
+    those, by path. skip_hint: how the calling script skips them, for the error."""
     # PIL releases the GIL while decoding, so threads scale without the cost of spawning processes
     with ThreadPoolExecutor(max_workers=workers or default_workers()) as pool:
         reasons = list(pool.map(check_image, paths))
     bad = [(p, r) for p, r in zip(paths, reasons) if r is not None]
     if bad and strict:
-        raise UserError(f"unreadable image {bad[0][0]} ({bad[0][1]}) and {len(bad) - 1} more; "
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise UserError(f"unreadable image {bad[0][0]} ({bad[0][1]}){more}; "
                         f"remove them or {skip_hint}")
-    for path, reason in bad:
+    for path, reason in bad if warn else ():
         warnings.warn(f"skipping unreadable image {path} ({reason})", stacklevel=2)
     bad_paths = {p for p, _ in bad}
     return [p for p in paths if p not in bad_paths], bad
 
 
-def load_split(data_dir, split, class_names=None, strict=False):
-    """Return (paths, labels, class_names) of DATA/split; class_names defaults to the split's own."""
+def list_split(data_dir, split, class_names=None):
+    """Return (paths, labels, class_names) of the image files of DATA/split, unchecked; class_names
+    defaults to the split's own."""
     split_dir = Path(data_dir) / split
     found = find_classes(split_dir)
     if class_names is None:
@@ -100,11 +102,18 @@ def load_split(data_dir, split, class_names=None, strict=False):
             labels.append(index[name])
     if not paths:
         raise UserError(f"folder {split_dir} holds no images ({', '.join(IMG_EXTENSIONS)})")
+    return paths, labels, class_names
+
+
+def load_split(data_dir, split, class_names=None, strict=False):
+    """Return (paths, labels, class_names) of the readable images of DATA/split (list_split, then
+    scan_images)."""
+    paths, labels, class_names = list_split(data_dir, split, class_names)
     good, bad = scan_images(paths, strict=strict)
     bad_paths = {p for p, _ in bad}
     labels = [label for p, label in zip(paths, labels) if p not in bad_paths]
     if not good:
-        raise UserError(f"folder {split_dir} holds no readable images")
+        raise UserError(f"folder {Path(data_dir) / split} holds no readable images")
     return good, labels, class_names
 
 
@@ -266,18 +275,19 @@ def make_loader(dataset, *, device, workers, batch_size=None, batch_sampler=None
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("make-demo", help="write the synthetic demo dataset",
-                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                          formatter_class=HelpFormatter)
     demo.add_argument("out", type=Path, help="output folder (gets train/, val/, test/, test_labels.csv)")
     demo.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same files")
     demo.add_argument("--train-per-class", type=int, default=40, help="train images per class")
     demo.add_argument("--val-per-class", type=int, default=10, help="val images per class")
     demo.add_argument("--test-per-class", type=int, default=6, help="test images per class")
     scan = sub.add_parser("scan", help="check every image of a data folder and list the unreadable ones",
-                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                          formatter_class=HelpFormatter)
     scan.add_argument("data_dir", type=Path, help="data folder with train/, val/ and test/")
+    scan.add_argument("--strict", action="store_true", help="exit with an error when any image is unreadable")
     args = parser.parse_args(argv)
     if args.command == "make-demo":
         if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
@@ -285,10 +295,21 @@ def main(argv=None):
         demo_data.make_demo(args.out, args.seed, args.train_per_class, args.val_per_class, args.test_per_class)
         print(f"wrote the demo dataset ({demo_data.DEMO_CLASSES} classes) to {args.out}")
     else:
-        train = load_split(args.data_dir, "train")
-        val = load_split(args.data_dir, "val", train[2])
-        test, _ = load_test(args.data_dir / "test", strict=False)
-        print(f"{len(train[2])} classes; readable images: train {len(train[0])}, val {len(val[0])}, test {len(test)}")
+        train_paths, _, class_names = list_split(args.data_dir, "train")
+        splits = {"train": train_paths, "val": list_split(args.data_dir, "val", class_names)[0]}
+        if (args.data_dir / "test").is_dir():
+            splits["test"] = list_images(args.data_dir / "test")
+        counts, unreadable = [], []
+        for split, paths in splits.items():
+            good, bad = scan_images(paths, warn=False)
+            counts.append(f"{split} {len(good)}")
+            unreadable += bad
+        for path, reason in unreadable:
+            print(f"unreadable: {path} ({reason})")
+        print(f"{len(class_names)} classes; readable images: {', '.join(counts)}; unreadable: {len(unreadable)}")
+        if unreadable and args.strict:
+            raise UserError(f"{len(unreadable)} unreadable image{'s' if len(unreadable) > 1 else ''} (listed "
+                            "above); remove or replace them, or train without --strict to leave them out")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from utils import UserError, run_main
+from utils import HelpFormatter, UserError, run_main
 
 # small enough for a CPU: a tiny backbone trained from scratch at 64 px
 MEMBER_FLAGS = ["--arch", "resnet10t", "--weights", "none", "--img-size", "64", "--epochs", "8", "--lr", "0.05"]
@@ -28,7 +28,7 @@ def run(*args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("demo"), help="folder for the data, runs and submission")
     args = parser.parse_args(argv)
     data_dir, runs = args.out / "data", args.out / "runs"
@@ -37,7 +37,9 @@ def main(argv=None):
     # the ViT-tiny of the report would be downloaded; offline, a small randomly initialised ViT stands in
     vit_dir = args.out / "tiny-vit"
     if not (vit_dir / "config.json").is_file():
+        import torch
         from transformers import ViTConfig, ViTModel
+        torch.manual_seed(0)  # the same ViT, so the same demo figures, every time
         ViTModel(ViTConfig(**TINY_VIT_CONFIG), add_pooling_layer=False).save_pretrained(vit_dir)
     extra = {"resnext": [], "resnext_freeze": ["--unfreeze", "2:layer4,4:layer3,6:layer2+layer1"],
              "resnext_vit": ["--vit-weights", vit_dir]}

@@ -9,7 +9,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 import data
 import utils
@@ -170,8 +169,7 @@ def train_one_epoch(training, loader, *, epoch, steps_per_epoch, lr_at, start_st
     count = sums["count"]
     nonfinite_step = torch.tensor(-1, device=runtime.device)  # first step with a non-finite loss, found on device
     started = time.perf_counter() - sums["seconds"]
-    bar = tqdm(loader, desc=desc, initial=start_step, total=steps_per_epoch, disable=None if progress else True,
-               leave=False, dynamic_ncols=True)
+    bar = utils.progress(loader, desc=desc, initial=start_step, total=steps_per_epoch, enabled=progress, leave=False)
     step, lr = start_step, lr_at(start_step)
     for images, labels in bar:
         lr = lr_at(step)
@@ -234,8 +232,7 @@ def infer(models, loader, runtime, *, views=(identity,), desc=None):
         model.eval()
     outputs, labels = [[] for _ in models], []
     with torch.inference_mode():
-        for images, targets in tqdm(loader, desc=desc, disable=None if desc else True, leave=False,
-                                    dynamic_ncols=True):
+        for images, targets in utils.progress(loader, desc=desc, total=len(loader), enabled=bool(desc), leave=False):
             images = runtime.images(images)
             with runtime.autocast():
                 for output, model in zip(outputs, models):

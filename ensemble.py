@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -37,7 +38,7 @@ CACHE_VERSION = 2  # 2: val images decoded at reduced JPEG scale (data.EvalTrans
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=utils.HelpFormatter)
     parser.add_argument("--members", type=Path, nargs="+", metavar="PATH", default=DEFAULT_MEMBERS,
                         help="member checkpoints (train.py's best.pt), two or more; they must share class names, "
                         "image size and normalisation")
@@ -52,6 +53,9 @@ def get_args_parser():
     parser.add_argument("--weight-decay", type=float, default=1.0, help="head weight decay, decoupled, towards "
                         "the plain logit average the head starts from")
     parser.add_argument("--head-batch-size", type=int, default=64, help="head mini-batch (rows of logits)")
+    parser.add_argument("--combiner", default="head", choices=("head", "average"), help="what ensemble.pt "
+                        "combines the members' logits with: the trained head (the report's), or their plain "
+                        "average (better when the head overfits the train logits)")
     engine.add_inference_args(parser)
     parser.add_argument("--seed", type=int, default=0, help="random seed (train views, head batch order)")
     return parser
@@ -272,13 +276,17 @@ def main(argv=None):
     with torch.no_grad():
         head_acc = accuracy(head(val_x), val_y)
     member_val = torch.stack([entry["val"] for entry in logits])  # (M, V, C)
+    average_acc = accuracy(member_val.mean(0), val_y)
+    if args.combiner == "average":
+        head = averaging_head(len(members), num_classes)
     metrics = {
         "members": [{"path": m["source"], "model": m["model"], "arch": m["arch"], "use_ema": m["use_ema"],
                      "val_acc": accuracy(v, val_y)} for m, v in zip(members, member_val)],
-        "logit_average_val_acc": accuracy(member_val.mean(0), val_y),
+        "logit_average_val_acc": average_acc,
         "softmax_average_val_acc": accuracy(member_val.softmax(-1).mean(0), val_y),
-        "head_val_acc": head_acc, "views": args.views, "epochs": args.epochs, "lr": args.lr,
-        "weight_decay": args.weight_decay, "seed": args.seed, "precision": runtime.precision,
+        "head_val_acc": head_acc, "combiner": args.combiner,
+        "val_acc": head_acc if args.combiner == "head" else average_acc, "views": args.views, "epochs": args.epochs,
+        "lr": args.lr, "weight_decay": args.weight_decay, "seed": args.seed, "precision": runtime.precision,
         "device": str(runtime.device), "data_dir": str(args.data_dir), "train_images": len(train_set),
         "val_images": len(val_set),
         "cache": {"reused": len(members) - len(todo), "computed": len(todo)},
@@ -288,7 +296,8 @@ def main(argv=None):
 
     # ---------------------------------------------------------------------- save
     metrics["seconds"]["total"] = time.perf_counter() - start
-    checkpoints.save(checkpoints.ensemble_checkpoint(members, head.state_dict(), metrics), args.out_dir / "ensemble.pt")
+    checkpoints.save(checkpoints.ensemble_checkpoint(members, head.state_dict(), metrics, args.combiner),
+                     args.out_dir / "ensemble.pt")
     utils.atomic_write_json(args.out_dir / "metrics.json", metrics)
 
     width = max(len(m["source"]) for m in members) + 16
@@ -299,7 +308,12 @@ def main(argv=None):
     print(f"{'softmax average':<{width}} {metrics['softmax_average_val_acc']:11.2f}")
     head_name = f"stacking head ({args.epochs} epoch{'s' if args.epochs != 1 else ''})"
     print(f"{head_name:<{width}} {head_acc:11.2f}")
-    print(f"\nsaved {args.out_dir / 'ensemble.pt'} and metrics.json ({metrics['seconds']['total']:.1f}s)")
+    combiner = "stacking head" if args.combiner == "head" else "logit average"
+    print(f"\nsaved {args.out_dir / 'ensemble.pt'} ({combiner}) and metrics.json ({metrics['seconds']['total']:.1f}s)")
+    if args.combiner == "head" and head_acc < average_acc:
+        warnings.warn(f"the trained head ({head_acc:.2f}) is below the plain logit average ({average_acc:.2f}) on "
+                      "val: it learned the members' train logits, not their val behaviour; --combiner average "
+                      "makes ensemble.pt use the average", stacklevel=1)
     return metrics
 
 

@@ -4,6 +4,7 @@
 - resnext_freeze: the same network, trained with gradual unfreezing (see parse_unfreeze)
 - resnext_vit:    the last block of layer4 wrapped with a ViT (see ViTBlock)
 """
+import math
 from pathlib import Path
 
 import timm
@@ -18,8 +19,32 @@ DEFAULT_ARCH = "resnext101_32x8d.tv_in1k"
 DEFAULT_VIT = "WinKawaks/vit-tiny-patch16-224"
 DEFAULT_UNFREEZE = "10:layer4,20:layer3,30:layer2+layer1"
 STAGES = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc")
-OFFLINE_HINT = ("to work offline, pre-fill the Hugging Face cache (HF_HOME) on a connected machine, "
-                "or pass a local file with --weights PATH (.pth or .safetensors), or --weights none")
+# ViT-tiny's architecture (DEFAULT_VIT's config), so that --vit-weights none needs no download
+VIT_TINY_CONFIG = {"hidden_size": 192, "num_hidden_layers": 12, "num_attention_heads": 3, "intermediate_size": 768,
+                   "image_size": 224, "patch_size": 16}
+HUB_TIMEOUT_S = 3
+
+
+def offline_hint(flag, local):
+    return (f"to work offline, fill the Hugging Face cache (HF_HOME) once on a connected machine and set "
+            f"HF_HUB_OFFLINE=1, or pass {flag} {local}, or {flag} none (random init)")
+
+
+def check_hub():
+    """Go offline at once when the Hugging Face Hub cannot be reached, instead of retrying each file for
+    about a minute: one request, HUB_TIMEOUT_S seconds, no retries. Cached files still load. Returns
+    whether the Hub answered (True under HF_HUB_OFFLINE=1 too, where no request is made)."""
+    from huggingface_hub import constants, get_session
+    if constants.HF_HUB_OFFLINE:
+        return True
+    try:
+        get_session().head(constants.ENDPOINT, timeout=HUB_TIMEOUT_S)
+        return True
+    except Exception:  # DNS, refused, timeout, proxy: all mean no hub
+        constants.HF_HUB_OFFLINE = True
+        print(f"the Hugging Face Hub ({constants.ENDPOINT}) cannot be reached: using the local cache only "
+              "(HF_HUB_OFFLINE=1 skips this check)", flush=True)
+        return False
 
 
 class ViTBlock(nn.Module):
@@ -46,16 +71,19 @@ class ViTBlock(nn.Module):
 
 
 def build_vit(vit_weights=DEFAULT_VIT, vit_config=None):
-    """A ViTModel from an HF id or local directory, or (vit_config given) with random weights."""
+    """A ViTModel from an HF id or local directory, or with random weights: of vit_config (a checkpoint's)
+    when given, of ViT-tiny's architecture for vit_weights "none"."""
     from transformers import ViTConfig, ViTModel
-    if vit_config is not None:
-        return ViTModel(ViTConfig.from_dict(vit_config), add_pooling_layer=False)
+    if vit_config is not None or str(vit_weights) == "none":
+        return ViTModel(ViTConfig.from_dict(vit_config or VIT_TINY_CONFIG), add_pooling_layer=False)
+    if not Path(vit_weights).is_dir():
+        check_hub()
     try:
         return ViTModel.from_pretrained(str(vit_weights), add_pooling_layer=False)
     except OSError as error:
-        raise UserError(f"could not load the ViT '{vit_weights}' (no network, or not an HF id or a folder "
-                        f"saved with save_pretrained); {OFFLINE_HINT.replace('--weights', '--vit-weights')}"
-                        ) from error
+        raise UserError(f"could not load the ViT '{vit_weights}' (not in the local cache and no network, or not "
+                        f"an HF id or a folder saved with save_pretrained); "
+                        f"{offline_hint('--vit-weights', 'a folder saved with save_pretrained')}") from error
 
 
 def load_state_file(path):
@@ -100,13 +128,16 @@ def create_backbone(arch, num_classes, weights="imagenet"):
         raise UserError(f"--arch {arch} is not a timm model; e.g. resnext101_32x8d.tv_in1k, "
                         "resnext50_32x4d, resnet50, resnet10t")
     pretrained = weights == "imagenet"
+    if pretrained:
+        check_hub()
     try:
         model = timm.create_model(arch, pretrained=pretrained, num_classes=num_classes)
     except (OSError, RuntimeError, ValueError) as error:
         if not pretrained:
             raise
-        raise UserError(f"could not download the pretrained weights of {arch} ({type(error).__name__}); "
-                        f"{OFFLINE_HINT}") from error
+        raise UserError(f"could not download the pretrained weights of {arch} ({type(error).__name__}; they are "
+                        f"not in the local cache either); "
+                        f"{offline_hint('--weights', 'a local .pth or .safetensors file')}") from error
     absent = [name for name in STAGES if not hasattr(model, name)]
     if absent:
         raise UserError(f"--arch {arch} is not a ResNet-family network (it has no {', '.join(absent)}); "
@@ -152,6 +183,26 @@ def parse_unfreeze(spec):
     if [e for e, _ in schedule] != sorted({e for e, _ in schedule}):
         raise UserError(f"--unfreeze '{spec}': epochs must increase")
     return schedule
+
+
+def resolve_unfreeze(spec, epochs):
+    """The schedule a resnext_freeze run uses, as a spec: spec itself when it fits inside `epochs`, or (spec
+    None) DEFAULT_UNFREEZE, made for 50 epochs, scaled to `epochs` (10/20/30 of 50 stay the report's)."""
+    if spec is None:
+        default = parse_unfreeze(DEFAULT_UNFREEZE)
+        if epochs < len(default) + 1:
+            raise UserError(f"--epochs {epochs} is too short for resnext_freeze's {len(default) + 1} unfreezing "
+                            f"sections; train {len(default) + 1} epochs or more, or give a shorter --unfreeze "
+                            "schedule such as 1:layer4")
+        starts = [math.floor(start * epochs / 50 + 0.5) for start, _ in default]
+        for i in range(len(starts)):  # at least one epoch per section
+            starts[i] = min(max(starts[i], starts[i - 1] + 1 if i else 1), epochs - len(starts) + i)
+        return ",".join(f"{start}:{'+'.join(names)}" for start, (_, names) in zip(starts, default))
+    for start, names in parse_unfreeze(spec):
+        if not 0 <= start < epochs:
+            raise UserError(f"--unfreeze '{spec}': {'+'.join(names)} would unfreeze after epoch {start}, which "
+                            f"is not inside --epochs {epochs}; use epochs from 0 to {epochs - 1}, or more --epochs")
+    return spec
 
 
 def trainable_stages(schedule, epoch):

@@ -27,7 +27,7 @@ DEFAULT_CHECKPOINT = Path("runs/ensemble/ensemble.pt")
 
 
 def get_args_parser():
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = utils.HelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=fmt)
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
                         help="ensemble.pt from ensemble.py, or a member's best.pt / last.pt from train.py")

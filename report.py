@@ -5,13 +5,15 @@
 Reads every run folder in RUNS: train.py's (config.json, history.csv, last.pt, best.pt) and ensemble.py's
 (ensemble.pt, metrics.json). Writes report.md (--out) and, beside it and named after it, report.json (every
 value of the tables), report_curves.png (loss and accuracy of every run and ensemble head, a row each) and,
-for the best model, report_confusion.png (val confusion matrix, log colour scale), report_per_class.csv
+for the model analysed, report_confusion.png (val confusion matrix, log colour scale), report_per_class.csv
 (val accuracy per class) and report_misclassified.png (the most confident mistakes on val). report.md holds
 the gradual unfreezing table of each resnext_freeze run, the member and ensemble table, the figures and the
-best model's most confused class pairs. The best model is the complete run (a member, or an ensemble with
-its trained head) with the highest val accuracy; its predictions are recomputed from its checkpoint
-(best.pt or ensemble.pt) on DATA/val, DATA being the data its run was trained on unless --data-dir is given.
-A run still training, stopped or crashed is listed as incomplete, with the reason, and is never the best model.
+analysed model's most confused class pairs. The model analysed is the one the submission uses: the complete
+ensemble with the highest val accuracy (predict.py's default is ensemble.pt), or without one the complete
+member with the highest; a member that beats the ensemble on val is pointed out. Its predictions are
+recomputed from its checkpoint (best.pt or ensemble.pt) on DATA/val, DATA being the data its run was trained
+on unless --data-dir is given. A run still training, stopped or crashed is listed as incomplete, with the
+reason, and is never the model analysed.
 """
 import argparse
 import json
@@ -44,10 +46,10 @@ TOP_PAIRS = 10
 
 
 def get_args_parser():
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = utils.HelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=fmt)
     parser.add_argument("runs", nargs="?", type=Path, default=Path("runs"), help="folder holding the run folders")
-    parser.add_argument("--data-dir", type=Path, help="data folder whose val/ the best model is evaluated on; "
+    parser.add_argument("--data-dir", type=Path, help="data folder whose val/ the model analysed is evaluated on; "
                         "None: the one its run was trained on")
     parser.add_argument("--out", type=Path, help="the Markdown report to write (None: RUNS/report.md); the "
                         "other files go beside it")
@@ -108,6 +110,8 @@ def read_metrics(path):
                 "logit_average": float(metrics["logit_average_val_acc"]),
                 "softmax_average": float(metrics["softmax_average_val_acc"]),
                 "head": float(metrics["head_val_acc"]), "head_epochs": metrics.get("epochs"),
+                "combiner": metrics.get("combiner", "head"),
+                "val_acc": float(metrics.get("val_acc", metrics["head_val_acc"])),
                 "head_history": metrics.get("history") or [], "data_dir": metrics.get("data_dir")}, None
     except (KeyError, TypeError, ValueError) as error:
         return None, f"metrics.json lacks or mangles {error}"
@@ -169,11 +173,12 @@ def read_ensemble_run(folder):
     run = {"name": folder.name, "path": str(folder), "kind": "ensemble", "model": "ensemble",
            "status": "incomplete" if reasons else "complete", "reason": "; ".join(reasons),
            "best_val_acc": None, "checkpoint": str(folder / "ensemble.pt"), "data_dir": None,
-           "members": [], "unfreeze": None, "logit_average": None, "softmax_average": None, "head_epochs": None,
-           "history": [], "section_starts": []}
+           "members": [], "unfreeze": None, "logit_average": None, "softmax_average": None, "head": None,
+           "head_epochs": None, "combiner": None, "history": [], "section_starts": []}
     if metrics is not None:
         run.update(members=metrics["members"], logit_average=metrics["logit_average"],
-                   softmax_average=metrics["softmax_average"], best_val_acc=metrics["head"],
+                   softmax_average=metrics["softmax_average"], head=metrics["head"], combiner=metrics["combiner"],
+                   best_val_acc=metrics["val_acc"],
                    head_epochs=metrics["head_epochs"], history=metrics["head_history"], data_dir=metrics["data_dir"])
     return run
 
@@ -193,7 +198,7 @@ def find_runs(runs_dir):
 
 
 # ----------------------------------------------------------------------------
-# the best model's val predictions
+# the analysed model's val predictions
 
 def predict_val(run, data_dir, runtime, batch_size, workers):
     """(val paths, labels (N,), probabilities (N, C), class names) of a run's checkpoint on data_dir/val."""
@@ -347,14 +352,41 @@ def summary_rows(runs):
                          "val_acc": run["best_val_acc"], "best_epoch": run["best_epoch"]})
         else:
             head = f"trained head ({run['head_epochs']} epochs)" if run["head_epochs"] is not None else "trained head"
+            used = {"head": "head", "average": "logit_average"}.get(run["combiner"]) if run["status"] == "complete" \
+                else None
             for what, key in (("logit average", "logit_average"), ("softmax average", "softmax_average"),
-                              (head, "best_val_acc")):
+                              (head, "head")):
+                what += ", in ensemble.pt" if key == used else ""
                 rows.append({"model": f"ensemble: {what}", "run": run["name"], "status": status_cell(run),
                              "epochs": "", "val_acc": run[key], "best_epoch": None})
     return rows
 
 
-def render(runs_dir, runs, summary, files, best, notes):
+def choose_analysed(runs):
+    """The run whose val predictions the report shows: the complete ensemble with the highest val accuracy,
+    as predict.py submits ensemble.pt by default, else the complete member with the highest. Returns
+    (run or None, why it was chosen, caveats: a member above that ensemble on val is said in words)."""
+    complete = [run for run in runs if run["status"] == "complete" and run["best_val_acc"] is not None]
+    ensembles = [run for run in complete if run["kind"] == "ensemble"]
+    if not ensembles:
+        best = max(complete, key=lambda run: run["best_val_acc"], default=None)
+        return best, "the complete member with the highest val accuracy (there is no complete ensemble)", []
+    chosen = max(ensembles, key=lambda run: run["best_val_acc"])
+    combiner = "trained head" if chosen["combiner"] == "head" else "logit average"
+    why = f"the ensemble, whose ensemble.pt ({combiner}) the submission uses (predict.py's default)"
+    caveats = []
+    for member in complete:
+        if member["kind"] == "member" and member["best_val_acc"] > chosen["best_val_acc"]:
+            average_fix = chosen["combiner"] == "head" and chosen["logit_average"] >= member["best_val_acc"]
+            caveats.append(
+                f"{member['name']} alone scored {member['best_val_acc']:.2f} on val, above the ensemble's "
+                f"{chosen['best_val_acc']:.2f} ({combiner}); to submit it instead run python predict.py --checkpoint "
+                f"{member['checkpoint']}{', or keep the ensemble with ensemble.py --combiner average' * average_fix}. "
+                "On a small val set such differences are often noise.")
+    return chosen, why, caveats
+
+
+def render(runs_dir, runs, summary, files, analysed, notes):
     lines = [f"# Report of {runs_dir}", "",
              "Rebuilt by report.py from the run folders alone. Accuracies are percentages of the val images.", "",
              "## Members and ensemble", "",
@@ -376,25 +408,26 @@ def render(runs_dir, runs, summary, files, best, notes):
     if "curves" in files:
         lines += [f"![learning curves]({files['curves']})", ""]
     lines += [f"- {note}" for note in notes]
-    lines += ["", "## Best model", ""]
-    if best is None:
+    lines += ["", "## The model analysed", ""]
+    if analysed is None:
         lines.append("No complete run: no confusion matrix, per-class accuracy or misclassified images.")
         return "\n".join(lines) + "\n"
-    lines += [f"{best['run']} ({best['kind']}, {best['checkpoint']}): val accuracy {best['val_acc']:.2f} recomputed "
-              f"from the checkpoint on {best['val_dir']} ({best['images']} images; the table says "
-              f"{best['table_val_acc']:.2f}).", "",
+    lines += [f"{analysed['run']} ({analysed['kind']}, {analysed['checkpoint']}): {analysed['why']}. Val accuracy "
+              f"{analysed['val_acc']:.2f} recomputed from the checkpoint on {analysed['val_dir']} "
+              f"({analysed['images']} images; the table says {analysed['table_val_acc']:.2f}).", "",
+              *[f"- {caveat}\n" for caveat in analysed["caveats"]],
               f"![confusion matrix]({files['confusion']})", "",
               f"Per-class val accuracy: [{files['per_class']}]({files['per_class']}).", "",
               f"### The {TOP_PAIRS} most confused class pairs", ""]
-    if best["top_confusions"]:
+    if analysed["top_confusions"]:
         lines.append(md_table(["True class", "Predicted as", "Images", "Share of the true class (%)"],
                               [[p["true"], p["predicted"], p["images"], fmt(p["share"])]
-                               for p in best["top_confusions"]]))
+                               for p in analysed["top_confusions"]]))
     else:
         lines.append("None: every val image is classified correctly.")
     lines += ["", "### Misclassified val images", ""]
     if "misclassified" in files:
-        lines += [f"The {best['shown']} most confident of the {best['mistakes']} mistakes (true and predicted "
+        lines += [f"The {analysed['shown']} most confident of the {analysed['mistakes']} mistakes (true and predicted "
                   "class, confidence of the prediction):", "", f"![misclassified]({files['misclassified']})"]
     else:
         lines.append("None.")
@@ -412,16 +445,15 @@ def main(argv=None):
     runs = find_runs(args.runs)
     summary = summary_rows(runs)
 
-    # ------------------------------------------------ the best model and its data, checked before any work
-    complete = [run for run in runs if run["status"] == "complete" and run["best_val_acc"] is not None]
-    best_run = max(complete, key=lambda run: (run["best_val_acc"], run["kind"] == "ensemble"), default=None)
-    if best_run is not None:
-        data_dir = args.data_dir or (Path(best_run["data_dir"]) if best_run["data_dir"] else None)
+    # ------------------------------------------------ the model analysed and its data, checked before any work
+    analysed_run, why, caveats = choose_analysed(runs)
+    if analysed_run is not None:
+        data_dir = args.data_dir or (Path(analysed_run["data_dir"]) if analysed_run["data_dir"] else None)
         if data_dir is None:
-            raise UserError(f"run {best_run['path']} does not say which data it was trained on; "
+            raise UserError(f"run {analysed_run['path']} does not say which data it was trained on; "
                             "pass --data-dir DATA, the folder with its val/ images")
         if not (data_dir / "val").is_dir():
-            source = "--data-dir" if args.data_dir else f"the data of run {best_run['path']}"
+            source = "--data-dir" if args.data_dir else f"the data of run {analysed_run['path']}"
             raise UserError(f"{data_dir / 'val'} ({source}) does not exist; pass --data-dir DATA, "
                             "the folder with the val/ images the runs were trained on")
 
@@ -442,25 +474,27 @@ def main(argv=None):
         files["curves"] = f"{stem.name}_curves.png"
         plot_all_curves(plotted, out.parent / files["curves"])
 
-    best = None
-    if best_run is not None:
+    analysed = None
+    if analysed_run is not None:
         runtime = engine.resolve_runtime(args.device, args.precision, args.channels_last)
         workers = data.loader_workers(args.workers, runtime.device)
-        print(f"best model: {best_run['name']} ({best_run['best_val_acc']:.2f}); predicting {data_dir / 'val'} "
-              f"on {runtime.device} [{runtime.precision}]")
+        print(f"analysed model: {analysed_run['name']} ({analysed_run['best_val_acc']:.2f}); predicting "
+              f"{data_dir / 'val'} on {runtime.device} [{runtime.precision}]")
         batch_size = engine.resolve_batch_size(args.batch_size, runtime.device)
-        paths, labels, probs, class_names = predict_val(best_run, data_dir, runtime, batch_size, workers)
+        paths, labels, probs, class_names = predict_val(analysed_run, data_dir, runtime, batch_size, workers)
         confidence, preds = probs.max(1)
         matrix = confusion_matrix(labels.numpy(), preds.numpy(), len(class_names))
         wrong = (preds != labels).nonzero().flatten()
         wrong = wrong[confidence[wrong].argsort(descending=True, stable=True)]
-        best = {"run": best_run["name"], "kind": best_run["kind"], "checkpoint": best_run["checkpoint"],
-                "val_dir": str(data_dir / "val"), "images": len(paths), "table_val_acc": best_run["best_val_acc"],
-                "val_acc": 100 * float((preds == labels).double().mean()), "mistakes": len(wrong),
-                "shown": min(len(wrong), MAX_MISCLASSIFIED), "top_confusions": top_confusions(matrix, class_names)}
+        analysed = {"run": analysed_run["name"], "kind": analysed_run["kind"], "checkpoint": analysed_run["checkpoint"],
+                    "why": why, "caveats": caveats, "val_dir": str(data_dir / "val"), "images": len(paths),
+                    "table_val_acc": analysed_run["best_val_acc"],
+                    "val_acc": 100 * float((preds == labels).double().mean()), "mistakes": len(wrong),
+                    "shown": min(len(wrong), MAX_MISCLASSIFIED), "top_confusions": top_confusions(matrix, class_names)}
         files["confusion"] = f"{stem.name}_confusion.png"
         plot_confusion(matrix, class_names, out.parent / files["confusion"],
-                       f"{best_run['name']}: val confusion matrix ({best['val_acc']:.2f}% of {len(paths)} images)")
+                       f"{analysed_run['name']}: val confusion matrix ({analysed['val_acc']:.2f}% of {len(paths)} "
+                       "images)")
         files["per_class"] = f"{stem.name}_per_class.csv"
         utils.atomic_write_text(out.parent / files["per_class"],
                                 per_class(matrix, class_names).to_csv(index=False, float_format="%.2f"))
@@ -470,10 +504,10 @@ def main(argv=None):
             plot_misclassified(shown, class_names, out.parent / files["misclassified"])
 
     # -------------------------------------------------------------------- write
-    report = {"runs_dir": str(args.runs), "summary": summary, "best_model": best, "files": files, "notes": notes,
-              "runs": [{key: value for key, value in run.items() if key != "history"} for run in runs]}
+    report = {"runs_dir": str(args.runs), "summary": summary, "analysed_model": analysed, "files": files,
+              "notes": notes, "runs": [{key: value for key, value in run.items() if key != "history"} for run in runs]}
     utils.atomic_write_json(stem.with_suffix(".json"), report)
-    utils.atomic_write_text(out, render(args.runs, runs, summary, files, best, notes))
+    utils.atomic_write_text(out, render(args.runs, runs, summary, files, analysed, notes))
     incomplete = sum(run["status"] != "complete" for run in runs)
     print(f"wrote {out}, {stem.with_suffix('.json').name} and {len(files)} figure/table file(s) for {len(runs)} "
           f"run(s){f', {incomplete} incomplete' if incomplete else ''}")

@@ -42,7 +42,7 @@ ARTEFACTS = ("last.pt", "best.pt", "history.csv", "config.json", "curves.png")  
 
 
 def get_args_parser():
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = utils.HelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=fmt)
     parser.add_argument("--model", choices=models.MODEL_NAMES, help="which member to train (required unless "
                         "--resume PATH)")
@@ -69,8 +69,9 @@ def get_args_parser():
                         "of the files (0: off)")
     parser.add_argument("--cache-dir", type=Path, default=Path("runs/cache"), help="where --cache-size keeps "
                         "its files (one set per data folder and size, shared by the members; safe to delete)")
-    parser.add_argument("--unfreeze", default=models.DEFAULT_UNFREEZE, help="resnext_freeze: EPOCH:STAGE[+STAGE] "
-                        "list; after EPOCH those stages train too; the cosine restarts at each section")
+    parser.add_argument("--unfreeze", help="resnext_freeze: EPOCH:STAGE[+STAGE] list; after EPOCH those stages "
+                        "train too; the cosine restarts at each section (default: the report's "
+                        f"{models.DEFAULT_UNFREEZE} of 50 epochs, scaled to --epochs)")
     parser.add_argument("--freeze-bn-stats", action="store_true", help="resnext_freeze: keep running BatchNorm "
                         "statistics of frozen stages fixed (the report let them update)")
     parser.add_argument("--ema", action="store_true", help="keep an EMA of the weights, evaluated and saved too")
@@ -101,6 +102,13 @@ def explicit_flags(argv):
     return set(vars(parser.parse_args(argv)))
 
 
+def new_run(args, out_dir):
+    args.out_dir = out_dir
+    if args.model == "resnext_freeze":
+        args.unfreeze = models.resolve_unfreeze(args.unfreeze, args.epochs)
+    return args, None
+
+
 def resolve_args(args, given):
     """Fill in defaults that depend on other flags. On resume the recipe and --data-dir come from the
     checkpoint; runtime flags (RUNTIME_FLAGS) are this command's; a recipe flag given with another
@@ -108,8 +116,7 @@ def resolve_args(args, given):
     if args.resume is None:
         if args.model is None:
             raise UserError("--model is required (resnext, resnext_freeze or resnext_vit)")
-        args.out_dir = args.out_dir or Path("runs") / args.model
-        return args, None
+        return new_run(args, args.out_dir or Path("runs") / args.model)
     if args.resume == "last":
         if args.model is None and args.out_dir is None:
             raise UserError("--resume without a PATH needs --model or --out-dir to find last.pt")
@@ -117,8 +124,8 @@ def resolve_args(args, given):
         if not path.exists() and args.model is not None:  # nothing to resume yet: start (a requeued job)
             if os.environ.get("RANK", "0") == "0":
                 print(f"no {path} yet: starting a new run")
-            args.resume, args.out_dir = None, path.parent
-            return args, None
+            args.resume = None
+            return new_run(args, path.parent)
     else:
         path = Path(args.resume)
     ckpt = checkpoints.load(path, kind="member")

@@ -1,4 +1,5 @@
 """Shared helpers for the scripts: errors, durable writes, random state, distributed, signals, curves."""
+import argparse
 import json
 import os
 import random
@@ -6,21 +7,40 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
+import warnings
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 
 class UserError(Exception):
     """A mistake the user can fix: printed as one line, never as a traceback."""
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with every flag's default, once: not appended where the help already states it in words."""
+
+    def _get_help_string(self, action):
+        return action.help if "(default:" in (action.help or "") else super()._get_help_string(action)
+
+
+def show_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"warning: {message}", file=file or sys.stderr)
+
+
 def run_main(main, argv=None):
     """Run a script's main(argv) (None: the command line), turning UserError into a one-line message and
-    exit code 2, and Ctrl-C (outside train.py's loop, which checkpoints on it) into one line and exit code 130."""
+    exit code 2, and Ctrl-C (outside train.py's loop, which checkpoints on it) into one line and exit code 130.
+    Warnings print as "warning: ..." lines, without Python's source location."""
+    warnings.showwarning = show_warning
+    if not sys.stderr.isatty():  # the libraries' own bars (downloads, weight loading) would flood a log
+        from huggingface_hub.utils import disable_progress_bars
+        disable_progress_bars()
     try:
         return main(argv)
     except UserError as error:
@@ -30,6 +50,54 @@ def run_main(main, argv=None):
         print("\ninterrupted: every file is written whole or not at all, so none is left half-written",
               file=sys.stderr)
         sys.exit(130)
+
+
+# ----------------------------------------------------------------------------
+# progress: a bar on a terminal, a line every tenth in a log (SLURM, nohup, CI), where a bar's
+# carriage returns would make one line of thousands of characters
+
+class LogProgress:
+    """The part of tqdm's interface the scripts use, printing a line each time another 1/lines of the
+    total is done."""
+
+    def __init__(self, iterable=None, *, desc="", total=None, initial=0, lines=10):
+        self.iterable, self.desc, self.n, self.lines = iterable, desc, initial, lines
+        self.total = max(1, total if total is not None else len(iterable))
+        self.started, self.postfix, self.shown = time.perf_counter(), {}, initial * lines // self.total
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.update()
+
+    def update(self, n=1):
+        self.n += n
+        mark = self.n * self.lines // self.total
+        if mark > self.shown:
+            self.shown = mark
+            postfix = "".join(f" {key} {value}" for key, value in self.postfix.items())
+            print(f"{self.desc}: {self.n}/{self.total} ({100 * self.n / self.total:.0f}%, "
+                  f"{time.perf_counter() - self.started:.0f}s){postfix}", file=sys.stderr, flush=True)
+
+    def set_postfix(self, **values):
+        self.postfix = values
+
+    def close(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def progress(iterable=None, *, desc="", total=None, initial=0, enabled=True, **tqdm_args):
+    """A tqdm bar on a terminal, LogProgress lines elsewhere, nothing when not enabled."""
+    if enabled and not sys.stderr.isatty():
+        return LogProgress(iterable, desc=desc, total=total, initial=initial)
+    return tqdm(iterable, desc=desc, total=total, initial=initial, disable=not enabled, dynamic_ncols=True,
+                **tqdm_args)
 
 
 # ----------------------------------------------------------------------------
@@ -51,14 +119,25 @@ def fsync_dir(folder):
             os.close(dir_fd)
 
 
+def umask():
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~umask()  # what open() would give a new file
+
+
 def atomic_write(path, write_fn):
     """write_fn(binary file) into a temp file beside path, then rename it over path. A failure (disk full,
-    read-only folder) is a UserError that leaves the previous file untouched and no temp file behind."""
+    read-only folder) is a UserError that leaves the previous file untouched and no temp file behind. The
+    file gets the permissions an ordinary write gives (mkstemp's temp file is private to its owner)."""
     path = Path(path)
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.chmod(tmp, FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             write_fn(f)
             f.flush()
@@ -246,8 +325,8 @@ def draw_curves(ax_loss, ax_acc, history, section_starts=()):
                 ax.plot(epochs, [row[f"{split}_{key}"] for row in history], "o-", ms=3, color=colour, label=split)
         if key == "acc" and any(row.get("ema_val_acc") is not None for row in history):
             ax.plot(epochs, [row.get("ema_val_acc") for row in history], "o--", ms=3, color="C2", label="val (EMA)")
-        for start in section_starts:
-            ax.axvline(start - 0.5, color="grey", ls="--", lw=0.8)
+        for i, start in enumerate(section_starts):
+            ax.axvline(start - 0.5, color="grey", ls="--", lw=0.8, label="next stages unfrozen" if i == 0 else None)
         ax.xaxis.get_major_locator().set_params(integer=True)
         if len(epochs) == 1:  # else the axis spans +-0.05 around the one epoch, in fractional ticks
             ax.set_xlim(epochs[0] - 1, epochs[0] + 1)

@@ -23,6 +23,7 @@ def as_version_1(ckpt):
         old["weights"] = "ema" if old.pop("use_ema") else "raw"
         old["partial"] = old.pop("epoch_sums")
     if old["kind"] == "ensemble":
+        assert old.pop("combiner") == "head"  # format 1 had no other
         old["members"] = [dict(m, weights="ema" if m["use_ema"] else "raw") for m in old["members"]]
         for member in old["members"]:
             del member["use_ema"]
@@ -65,8 +66,10 @@ def test_version_1_ensemble_predicts_the_same_submission(ensemble_v2, demo_dir, 
     old = save_as_version_1(ensemble_v2, tmp_path / "ensemble_v1.pt")
     assert sorted(old) == V1_ENSEMBLE_KEYS and sorted(old["members"][0]) == V1_ENSEMBLE_MEMBER_KEYS
     for name, path in (("v2", ensemble_v2), ("v1", tmp_path / "ensemble_v1.pt")):
-        run_script("predict.py", "--checkpoint", path, "--data-dir", demo_dir, "--out", tmp_path / name / "pred.csv",
-                   "--save-logits")
+        result = run_script("predict.py", "--checkpoint", path, "--data-dir", demo_dir, "--out",
+                            tmp_path / name / "pred.csv", "--save-logits")
+        # in a log (not a terminal) progress is a line per tenth, never carriage returns
+        assert "\r" not in result.stderr and "predict: 12/12 (100%, " in result.stderr
     assert (tmp_path / "v1" / "pred.csv").read_text() == (tmp_path / "v2" / "pred.csv").read_text()
     logits = [torch.load(tmp_path / name / "logits.pt", weights_only=True)["logits"] for name in ("v1", "v2")]
     assert torch.equal(*logits)

@@ -166,6 +166,25 @@ def test_unreadable_image_is_skipped_with_a_warning(tmp_path, name):
     assert [p for p, _ in bad_list] == [test_dir / name]
 
 
+def test_scan_lists_and_counts_the_unreadable_and_strict_fails(tmp_path, capsys):
+    make_split(tmp_path / "train", ["a", "b"], per_class=2)
+    make_split(tmp_path / "val", ["a"])
+    write_image(tmp_path / "test" / "t1.png")
+    truncated_jpeg(tmp_path / "train" / "b" / "cut.jpg")
+    (tmp_path / "test" / "t2.jpg").write_text("not an image\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the scan lists them itself, no Python warnings
+        data.main(["scan", str(tmp_path)])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(" (")[0] for line in lines[:2]] == [f"unreadable: {tmp_path / 'train' / 'b' / 'cut.jpg'}",
+                                                           f"unreadable: {tmp_path / 'test' / 't2.jpg'}"]
+    assert lines[2] == "2 classes; readable images: train 4, val 1, test 1; unreadable: 2"
+    result = subprocess.run([sys.executable, "data.py", "scan", str(tmp_path), "--strict"], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr == ("error: 2 unreadable images (listed above); remove or "
+                                                        "replace them, or train without --strict to leave them out\n")
+
+
 @pytest.mark.parametrize("name", sorted(BAD_FILES))
 def test_unreadable_image_with_strict_names_the_file(tmp_path, name):
     write_image(tmp_path / "train" / "a" / "good.png")
@@ -173,7 +192,8 @@ def test_unreadable_image_with_strict_names_the_file(tmp_path, name):
     BAD_FILES[name](bad)
     with pytest.raises(UserError, match="unreadable image") as error:
         data.load_split(tmp_path, "train", strict=True)
-    assert str(bad) in str(error.value) and "\n" not in str(error.value)
+    assert str(error.value).startswith(f"unreadable image {bad} (") and "\n" not in str(error.value)
+    assert str(error.value).endswith("); remove them or run without --strict to skip them")  # no "and 0 more"
     (tmp_path / "test").mkdir()
     BAD_FILES[name](tmp_path / "test" / name)
     with pytest.raises(UserError, match="unreadable image") as error:

@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import engine
+import utils
 from utils import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -152,3 +153,19 @@ def test_infer_keeps_the_order_and_averages_the_views():
     metrics = engine.evaluate(models[0], loader, runtime)
     assert metrics["loss"] == pytest.approx(F.cross_entropy(plain, labels).item())
     assert metrics["acc"] == pytest.approx(100 * (plain.argmax(1) == labels).float().mean().item())
+
+
+def test_progress_in_a_log_is_a_line_per_tenth(capsys):
+    bar = utils.progress(range(20), desc="val logits")  # stderr is captured: not a terminal
+    assert isinstance(bar, utils.LogProgress)
+    bar.set_postfix(loss="0.5")
+    assert list(bar) == list(range(20))
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 10 and lines[0].startswith("val logits: 2/20 (10%, ") and lines[0].endswith("s) loss 0.5")
+    assert lines[-1].startswith("val logits: 20/20 (100%, ")
+    resumed = utils.progress(range(5), desc="epoch 3/3", total=10, initial=5)  # a mid-epoch resume
+    list(resumed)
+    assert [line.split(" (")[0] for line in capsys.readouterr().err.splitlines()] == [
+        f"epoch 3/3: {n}/10" for n in range(6, 11)]
+    assert list(utils.progress(range(3), desc="quiet", enabled=False)) == [0, 1, 2]
+    assert capsys.readouterr().err == ""

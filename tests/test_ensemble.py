@@ -91,6 +91,31 @@ def test_initial_head_is_the_logit_average(ensembled, member_runs, demo_dir, tmp
     assert torch.equal(saved["weight"], head.weight) and not saved["bias"].any()
 
 
+def test_combiner_average_and_the_warning_when_the_head_is_worse(ensembled, member_runs, demo_dir, tmp_path,
+                                                                 monkeypatch):
+    out_dir, metrics, _ = ensembled
+    assert metrics["combiner"] == "head" and metrics["val_acc"] == metrics["head_val_acc"]
+    shutil.copy2(out_dir / "logits_cache.pt", tmp_path / "logits_cache.pt")
+
+    def head_that_forgets(head, *args, **kwargs):  # a head that trained badly: it predicts one class
+        with torch.no_grad():
+            head.weight.zero_()
+        return []
+
+    monkeypatch.setattr(ensemble, "train_head", head_that_forgets)
+    with pytest.warns(UserWarning, match=r"^the trained head \([\d.]+\) is below the plain logit average "
+                      r"\([\d.]+\) on val: .*; --combiner average makes ensemble.pt use the average$"):
+        worse = run_ensemble(member_paths(member_runs), demo_dir, tmp_path)
+    assert worse["head_val_acc"] < worse["logit_average_val_acc"]
+    # the fix the warning names: ensemble.pt then holds the average, whatever the trained head did
+    average = run_ensemble(member_paths(member_runs), demo_dir, tmp_path, "--combiner", "average")
+    assert average["combiner"] == "average" and average["val_acc"] == metrics["logit_average_val_acc"]
+    ckpt = checkpoints.load(tmp_path / "ensemble.pt", kind="ensemble")
+    expected = ensemble.averaging_head(3, len(ckpt["class_names"])).state_dict()
+    assert ckpt["combiner"] == "average" and all(torch.equal(ckpt["head_state_dict"][k], v)
+                                                 for k, v in expected.items())
+
+
 def test_cache_is_reused_and_invalidated(member_runs, small_data, tmp_path, capsys):
     members = member_paths(member_runs)
     changing = tmp_path / "changing.pt"

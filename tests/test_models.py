@@ -131,6 +131,24 @@ def test_parse_unfreeze_refuses_bad_specs(spec):
         models.parse_unfreeze(spec)
 
 
+def test_default_unfreeze_scales_with_the_epochs():
+    assert models.resolve_unfreeze(None, 50) == models.DEFAULT_UNFREEZE == "10:layer4,20:layer3,30:layer2+layer1"
+    assert models.resolve_unfreeze(None, 100) == "20:layer4,40:layer3,60:layer2+layer1"
+    assert models.resolve_unfreeze(None, 10) == "2:layer4,4:layer3,6:layer2+layer1"
+    for epochs in range(4, 60):
+        sections = models.section_bounds(models.parse_unfreeze(models.resolve_unfreeze(None, epochs)), epochs)
+        assert len(sections) == 4 and all(first <= last for first, last in sections), epochs
+        assert sections[-1][1] == epochs
+    with pytest.raises(UserError, match=r"^--epochs 3 is too short for resnext_freeze's 4 unfreezing sections; "
+                                        r"train 4 epochs or more, or give a shorter --unfreeze schedule such as "
+                                        r"1:layer4$"):
+        models.resolve_unfreeze(None, 3)
+    assert models.resolve_unfreeze("1:layer4", 2) == "1:layer4"  # the fix that message suggests
+    with pytest.raises(UserError, match=r"^--unfreeze '1:layer4,2:layer3': layer3 would unfreeze after epoch 2, "
+                                        r"which is not inside --epochs 2; use epochs from 0 to 1, or more --epochs$"):
+        models.resolve_unfreeze("1:layer4,2:layer3", 2)
+
+
 @pytest.mark.parametrize("freeze_bn_stats", [False, True])
 def test_freeze_bn_stats(freeze_bn_stats):
     torch.manual_seed(0)
@@ -204,15 +222,19 @@ def hf_cache(tmp_path, monkeypatch):
 
 
 def test_pretrained_weights_from_a_prefilled_cache(hf_cache, imagenet_state):
+    prefill(hf_cache, imagenet_state)
+    model = models.create_backbone("resnet10t", 10, "imagenet")
+    assert_same_backbone(model, imagenet_state)
+    assert model.fc.weight.shape == (10, 512)
+
+
+def prefill(hf_cache, imagenet_state):
     repo = hf_cache / "models--timm--resnet10t.c3_in1k"
     commit = "0123456789abcdef0123456789abcdef01234567"
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(commit)
     (repo / "snapshots" / commit).mkdir(parents=True)
     save_file(imagenet_state, repo / "snapshots" / commit / "model.safetensors")
-    model = models.create_backbone("resnet10t", 10, "imagenet")
-    assert_same_backbone(model, imagenet_state)
-    assert model.fc.weight.shape == (10, 512)
 
 
 def test_pretrained_weights_offline_with_an_empty_cache(hf_cache):
@@ -220,7 +242,50 @@ def test_pretrained_weights_offline_with_an_empty_cache(hf_cache):
         models.create_backbone("resnet10t", 10, "imagenet")
     message = str(error.value)
     assert "\n" not in message and "resnet10t" in message
-    assert "--weights PATH" in message and "cache" in message
+    assert "--weights a local .pth or .safetensors file" in message and "HF_HUB_OFFLINE=1" in message
+    assert "--weights none" in message
+
+
+@pytest.fixture
+def unreachable_hub(hf_cache, monkeypatch, capsys):
+    """Online mode with a hub that refuses connections (a closed local port): what a machine without
+    network sees, without touching the network."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
+    requests = []
+    session = huggingface_hub.get_session()
+    real_head = session.head
+    monkeypatch.setattr(session, "head", lambda *a, **k: requests.append(a) or real_head(*a, **k))
+    return requests
+
+
+def test_unreachable_hub_is_one_request_then_the_cache(unreachable_hub, hf_cache, imagenet_state, capsys):
+    prefill(hf_cache, imagenet_state)
+    model = models.create_backbone("resnet10t", 10, "imagenet")
+    assert_same_backbone(model, imagenet_state)
+    assert unreachable_hub == [("http://127.0.0.1:9",)] and huggingface_hub.constants.HF_HUB_OFFLINE
+    assert capsys.readouterr().out == ("the Hugging Face Hub (http://127.0.0.1:9) cannot be reached: using the "
+                                       "local cache only (HF_HUB_OFFLINE=1 skips this check)\n")
+
+
+def test_unreachable_hub_with_an_empty_cache_fails_at_once(unreachable_hub):
+    with pytest.raises(UserError, match=r"HF_HUB_OFFLINE=1, or pass --vit-weights a folder saved with "
+                                        r"save_pretrained, or --vit-weights none \(random init\)$"):
+        models.build_vit("WinKawaks/vit-tiny-patch16-224")
+    assert len(unreachable_hub) == 1
+    with pytest.raises(UserError, match="could not download the pretrained weights of resnet10t"):
+        models.create_backbone("resnet10t", 10, "imagenet")
+    assert len(unreachable_hub) == 1  # once offline, no second request
+
+
+def test_vit_weights_none_is_vit_tiny_offline(unreachable_hub):
+    # the fix the ViT's error suggests works without any file or network
+    model = models.build_model("resnext_vit", "resnet10t", 5, weights="none", vit_weights="none")
+    config = model.layer4[-1].vit.config
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.patch_size,
+            config.image_size) == (192, 12, 3, 16, 224)
+    assert models.count_params(model.layer4[-1].vit) == pytest.approx(5.5e6, rel=0.02)  # ViT-tiny's size
+    assert model.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 5) and unreachable_hub == []
 
 
 # ----------------------------------------------------------------------------

@@ -343,7 +343,7 @@ def resume_error(*argv):
 @pytest.mark.parametrize("kind, expected", [
     ("truncated", "cannot be read"), ("random bytes", "cannot be read"), ("text", "cannot be read"),
     ("empty", "cannot be read"), ("state dict", "is not a checkpoint of this project"),
-    ("ensemble", "expected a member one"),
+    ("ensemble", "is an ensemble checkpoint, expected a member one"),
 ])
 def test_bad_checkpoint_gives_one_line_error(reference, tmp_path, kind, expected):
     path = tmp_path / "bad.pt"
@@ -473,3 +473,14 @@ def test_atomic_link_twice_leaves_one_file_and_no_temp(tmp_path):
     utils.atomic_link(src, dst)
     utils.atomic_link(src, dst)  # as a resume does when best.pt is already last.pt
     assert os.path.samefile(src, dst) and sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX permission bits")
+@pytest.mark.parametrize("mask", [0o002, 0o022, 0o077])
+def test_written_files_get_the_permissions_of_an_ordinary_write(tmp_path, mask):
+    code = ("import os, sys; from pathlib import Path; import utils; out = Path(sys.argv[1]); "
+            "utils.atomic_write_text(out / 'report.md', 'x'); utils.atomic_write_zip(out / 'submission.zip', {}); "
+            "open(out / 'plain.txt', 'w').close()")
+    subprocess.run([sys.executable, "-c", f"import os; os.umask({mask}); {code}", tmp_path], cwd=ROOT, check=True)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes == dict.fromkeys(["plain.txt", "report.md", "submission.zip"], 0o666 & ~mask)

@@ -85,7 +85,7 @@ def test_tables_equal_histories_and_checkpoints(runs_dir, result, member_runs, d
     assert ensemble["status"] == "complete"
     for key, value in (("logit average", accuracy(per_member.mean(1), labels)),
                        ("softmax average", accuracy(per_member.softmax(-1).mean(1), labels)),
-                       ("trained head (3 epochs)", accuracy(model.head(logits), labels))):
+                       ("trained head (3 epochs), in ensemble.pt", accuracy(model.head(logits), labels))):
         assert summary[("ensemble", f"ensemble: {key}")] == pytest.approx(value, abs=1e-6)
         assert f"| ensemble: {key} | ensemble | complete |  | {value:.2f} |" in markdown
     assert [m["val_acc"] for m in ensemble["members"]] == pytest.approx(list(recomputed.values()), abs=1e-6)
@@ -112,10 +112,14 @@ def test_tables_equal_histories_and_checkpoints(runs_dir, result, member_runs, d
                 f"{row['best_val_acc']:.2f} |") in markdown
     assert runs["resnext"]["unfreeze"] is None
 
-    # the best model: highest val accuracy among the complete runs, its accuracy recomputed
+    # the model analysed is the ensemble the submission uses, its accuracy recomputed; members above it are named
     complete = {name: run["best_val_acc"] for name, run in runs.items() if run["status"] == "complete"}
-    best = result["best_model"]
-    assert complete[best["run"]] == max(complete.values())
+    best = result["analysed_model"]
+    assert best["run"] == "ensemble" and best["why"].startswith("the ensemble, whose ensemble.pt (trained head)")
+    above = [name for name in member_runs if complete[name] > complete["ensemble"]]
+    assert [caveat.split(" alone")[0] for caveat in best["caveats"]] == above
+    for caveat in best["caveats"]:
+        assert f"- {caveat}" in markdown and "python predict.py --checkpoint " in caveat
     assert best["val_acc"] == pytest.approx(best["table_val_acc"], abs=1e-6)
     assert best["val_acc"] == pytest.approx(recomputed.get(best["run"], complete[best["run"]]), abs=1e-6)
     per_class = pd.read_csv(runs_dir / result["files"]["per_class"], keep_default_na=False)
@@ -136,8 +140,8 @@ def test_figures_have_their_sizes(runs_dir, result):
     # a row per run with a history: 3 members, crashed, corrupt, 2 ensemble heads; not the started run
     assert Image.open(runs_dir / files["curves"]).size == size(report.curves_size(7))
     assert Image.open(runs_dir / files["confusion"]).size == size(report.CONFUSION_SIZE)
-    shown = result["best_model"]["shown"]
-    assert shown == min(report.MAX_MISCLASSIFIED, result["best_model"]["mistakes"]) > 0
+    shown = result["analysed_model"]["shown"]
+    assert shown == min(report.MAX_MISCLASSIFIED, result["analysed_model"]["mistakes"]) > 0
     assert Image.open(runs_dir / files["misclassified"]).size == size(report.grid_size(shown))
 
 
@@ -156,7 +160,7 @@ def test_incomplete_runs_are_labelled(runs_dir, result):
     assert f"| resnext | crashed | incomplete: {crashed['reason']} | 1/{epochs} |" in markdown
     assert f"| resnext | started | incomplete: {started['reason']} | 0/{epochs} | - |" in markdown
     assert "| ensemble: trained head (3 epochs) | unfinished_ensemble | incomplete: no ensemble.pt |" in markdown
-    assert result["best_model"]["run"] in ("ensemble", *(name for name in models.MODEL_NAMES))
+    assert result["analysed_model"]["run"] in ("ensemble", *(name for name in models.MODEL_NAMES))
 
 
 def test_user_errors(runs_dir, tmp_path):

@@ -111,6 +111,13 @@ def test_missing_model_flag_is_one_line():
     assert result.stderr == "error: --model is required (resnext, resnext_freeze or resnext_vit)\n"
 
 
+def test_short_freeze_run_without_a_fitting_schedule_is_refused(tmp_path):
+    result = run_script("train.py", "--model", "resnext_freeze", "--epochs", "2", "--out-dir", tmp_path / "run",
+                        check=False)
+    assert result.returncode == 2 and result.stderr.startswith("error: --epochs 2 is too short for resnext_freeze")
+    assert not (tmp_path / "run").exists()
+
+
 def test_checkpoint_rebuilds_without_network(member_runs, monkeypatch):
     from transformers import ViTModel
 
