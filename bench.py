@@ -7,6 +7,7 @@ field named *ratio* is project / report (or real / synthetic), so higher is bett
     python bench.py gpu    # ResNeXt101_32x8d on a CUDA GPU, real files, projected time of the whole report
     python bench.py predict   # test-set inference images/s: predict.py's path against a per-image loop
     python bench.py ensemble  # ensemble.py's time against the report's stacking (members forward every epoch)
+    python bench.py accuracy  # held-out accuracy on real photos (Fashion-MNIST), several seeds: mean and spread
 
 Without --data-dir each command writes real-size JPEGs (500-1000 px a side) into a temporary folder;
 --data-dir DATA uses DATA/train/<class>/* instead (ensemble: a generated demo dataset, or DATA's
@@ -20,12 +21,14 @@ import math
 import multiprocessing
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import PIL
 import timm
 import torch
@@ -42,6 +45,7 @@ import data
 import demo_data
 import engine
 import ensemble
+import fashion_mnist
 import fused
 import models
 import predict
@@ -51,6 +55,10 @@ from utils import HelpFormatter, UserError, run_main
 REPORT_BATCH = 32
 REPORT_MEMBERS, REPORT_EPOCHS, REPORT_TRAIN_IMAGES = 3, 50, 20_700
 REPORT_VAL_IMAGES, REPORT_TEST_IMAGES, REPORT_ENSEMBLE_EPOCHS = 324, 2_344, 20
+# small enough for a CPU: resnet10t from scratch at 32 px, the report's recipe otherwise (LR for training from
+# scratch); the freeze member's schedule is the report's, scaled to the epochs
+ACCURACY_MEMBER_FLAGS = ["--arch", "resnet10t", "--weights", "none", "--img-size", "32", "--epochs", "6",
+                         "--lr", "0.05", "--workers", "0"]
 
 
 def emit(row):
@@ -702,6 +710,86 @@ def run_ensemble(args):
 
 
 # ----------------------------------------------------------------------------
+# accuracy: the project's scripts, run as a user runs them, on real photos in the competition layout; each
+# suite trains from scratch (no pretrained weights needed) and scores the held-out test labels
+
+def script(*args, quiet=True):
+    """Run one of the project's scripts; its output goes to stderr (stdout stays JSON lines)."""
+    command = [sys.executable, *map(str, args)]
+    result = subprocess.run(command, stdout=subprocess.PIPE if quiet else sys.stderr, stderr=subprocess.STDOUT,
+                            text=True)
+    if result.returncode != 0:
+        raise UserError(f"'{' '.join(map(str, args))}' failed:\n{result.stdout or ''}")
+
+
+def train_member(run_dir, model, data_dir, seed, flags):
+    """A finished train.py run in run_dir (an interrupted benchmark resumes it); returns its best.pt."""
+    script("train.py", "--model", model, "--data-dir", data_dir, "--out-dir", run_dir, "--seed", seed,
+           "--resume", *flags)
+    return Path(run_dir) / "best.pt"
+
+
+def test_accuracy(checkpoint, data_dir, out_csv):
+    """% of the test images that predict.py labels right (test_labels.csv beside test/)."""
+    script("predict.py", "--checkpoint", checkpoint, "--data-dir", data_dir, "--out", out_csv)
+    truth = pd.read_csv(Path(data_dir) / "test_labels.csv", dtype=str).set_index("image_name")["label"]
+    predicted = pd.read_csv(out_csv, dtype=str).set_index("image_name")["pred_label"]
+    return round(100 * float((predicted[truth.index] == truth).mean()), 2)
+
+
+def val_accuracy(checkpoint):
+    ckpt = checkpoints.load(checkpoint)
+    return round(ckpt["best_acc"] if ckpt["kind"] == "member" else ckpt["metrics"]["val_acc"], 2)
+
+
+def suite_members(args, data_dir, work, seed):
+    """The report's workflow: the three members, stacked; val and test accuracy of each and of the ensemble."""
+    vit_dir = work.parent / "tiny-vit"
+    if not (vit_dir / "config.json").is_file():
+        models.save_random_vit(vit_dir, models.DEMO_VIT_CONFIG)
+    extra = {"resnext": [], "resnext_freeze": [], "resnext_vit": ["--vit-weights", vit_dir]}
+    row = {}
+    for model, flags in extra.items():
+        best = train_member(work / model, model, data_dir, seed, [*args.member_flags, *flags])
+        row[f"{model}_val"] = val_accuracy(best)
+        row[f"{model}_test"] = test_accuracy(best, data_dir, work / model / "test.csv")
+    script("ensemble.py", "--members", *(work / m / "best.pt" for m in extra), "--data-dir", data_dir,
+           "--out-dir", work / "ensemble")
+    metrics = json.loads((work / "ensemble" / "metrics.json").read_text())
+    row["ensemble_val"] = round(metrics["val_acc"], 2)
+    row["average_val"] = round(metrics["logit_average_val_acc"], 2)
+    row["ensemble_test"] = test_accuracy(work / "ensemble" / "ensemble.pt", data_dir, work / "ensemble" / "test.csv")
+    return row
+
+
+ACCURACY_SUITES = {"members": suite_members}
+
+
+def summarize(rows):
+    """Mean, sample standard deviation, min and max over seeds of every metric."""
+    frame = pd.DataFrame(rows).drop(columns=["seed"])
+    return {column: {"mean": round(frame[column].mean(), 2), "std": round(frame[column].std(ddof=1), 2)
+                     if len(frame) > 1 else 0.0, "min": frame[column].min(), "max": frame[column].max()}
+            for column in frame.columns}
+
+
+def run_accuracy(args):
+    emit(environment(torch.device("cpu")))
+    data_dir = args.work_dir / "data"
+    if not (data_dir / "test_labels.csv").is_file():
+        fashion_mnist.write_layout(data_dir, train_per_class=args.train_per_class, val_per_class=args.val_per_class,
+                                   test_per_class=args.test_per_class, source_dir=args.fashion_mnist)
+    rows = []
+    for seed in args.seeds:
+        row = ACCURACY_SUITES[args.suite](args, data_dir, args.work_dir / args.suite / f"seed{seed}", seed)
+        rows.append({"seed": seed, **row})
+        emit({"bench": "accuracy", "suite": args.suite, "seed": seed, **row})
+    emit({"bench": "accuracy", "suite": args.suite, "seeds": args.seeds, "summary": summarize(rows),
+          "train_per_class": args.train_per_class, "val_per_class": args.val_per_class,
+          "test_per_class": args.test_per_class, "member_flags": args.member_flags})
+
+
+# ----------------------------------------------------------------------------
 
 def get_args_parser():
     fmt = HelpFormatter
@@ -768,6 +856,25 @@ def get_args_parser():
     p.add_argument("--epochs", type=int, default=REPORT_ENSEMBLE_EPOCHS, help="head epochs of both methods")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers of both methods "
                    "(-1: as ensemble.py)")
+
+    p = sub.add_parser("accuracy", formatter_class=fmt, help="held-out test accuracy on real photos "
+                       "(Fashion-MNIST in the competition layout), trained from scratch, over seeds",
+                       description="held-out test accuracy on Fashion-MNIST photos written in the competition "
+                       "layout (train/val from its train split, test from its test split), trained from scratch "
+                       "with the project's scripts, over --seeds: each seed's figures, then mean and spread")
+    p.add_argument("--suite", default="members", choices=sorted(ACCURACY_SUITES),
+                   help="members: the three members and their stacked ensemble")
+    p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2],
+                   help="comma-separated training seeds")
+    p.add_argument("--work-dir", type=Path, default=Path("runs/bench-accuracy"), help="data and runs (an "
+                   "interrupted benchmark resumes its runs)")
+    p.add_argument("--fashion-mnist", type=Path, default=fashion_mnist.DEFAULT_DIR, help="folder of the "
+                   "dataset's .gz files (apt-get install dataset-fashion-mnist)")
+    p.add_argument("--train-per-class", type=int, default=500, help="train images per class")
+    p.add_argument("--val-per-class", type=int, default=100, help="val images per class")
+    p.add_argument("--test-per-class", type=int, default=300, help="test images per class")
+    p.add_argument("--member-flags", nargs=argparse.REMAINDER, default=ACCURACY_MEMBER_FLAGS,
+                   help="train.py flags of every member (last on the line)")
     return parser
 
 
@@ -785,7 +892,7 @@ def main(argv=None):
             raise UserError(f"--cache-size {args.cache_size} is below --img-size {args.img_size}; use at least "
                             f"{args.img_size} (default: {2 * args.img_size})")
     {"data": run_data, "train": run_train, "gpu": run_gpu, "predict": run_predict,
-     "ensemble": run_ensemble}[args.command](args)
+     "ensemble": run_ensemble, "accuracy": run_accuracy}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -12,12 +12,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import models
 from utils import HelpFormatter, UserError, run_main
 
 # small enough for a CPU: a tiny backbone trained from scratch at 64 px
 MEMBER_FLAGS = ["--arch", "resnet10t", "--weights", "none", "--img-size", "64", "--epochs", "8", "--lr", "0.05"]
-TINY_VIT_CONFIG = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128,
-                   "image_size": 32, "patch_size": 8}
 
 
 def run(*args):
@@ -36,11 +35,8 @@ def main(argv=None):
         run("data.py", "make-demo", data_dir)
     # the ViT-tiny of the report would be downloaded; offline, a small randomly initialised ViT stands in
     vit_dir = args.out / "tiny-vit"
-    if not (vit_dir / "config.json").is_file():
-        import torch
-        from transformers import ViTConfig, ViTModel
-        torch.manual_seed(0)  # the same ViT, so the same demo figures, every time
-        ViTModel(ViTConfig(**TINY_VIT_CONFIG), add_pooling_layer=False).save_pretrained(vit_dir)
+    if not (vit_dir / "config.json").is_file():  # the same for the same seed: the same demo figures every time
+        models.save_random_vit(vit_dir, models.DEMO_VIT_CONFIG)
     extra = {"resnext": [], "resnext_freeze": ["--unfreeze", "2:layer4,4:layer3,6:layer2+layer1"],
              "resnext_vit": ["--vit-weights", vit_dir]}
     for model, flags in extra.items():

@@ -22,6 +22,9 @@ STAGES = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc")
 # ViT-tiny's architecture (DEFAULT_VIT's config), so that --vit-weights none needs no download
 VIT_TINY_CONFIG = {"hidden_size": 192, "num_hidden_layers": 12, "num_attention_heads": 3, "intermediate_size": 768,
                    "image_size": 224, "patch_size": 16}
+# a ViT small enough for a CPU, for the demo and the CPU benchmarks (no download)
+DEMO_VIT_CONFIG = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128,
+                   "image_size": 32, "patch_size": 8}
 HUB_TIMEOUT_S = 3
 
 
@@ -84,6 +87,16 @@ def build_vit(vit_weights=DEFAULT_VIT, vit_config=None):
         raise UserError(f"could not load the ViT '{vit_weights}' (not in the local cache and no network, or not "
                         f"an HF id or a folder saved with save_pretrained); "
                         f"{offline_hint('--vit-weights', 'a folder saved with save_pretrained')}") from error
+
+
+def save_random_vit(path, config, seed=0):
+    """A randomly initialised ViT of `config`, saved with save_pretrained: a --vit-weights folder that is
+    the same for the same seed."""
+    from transformers import ViTConfig, ViTModel
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        ViTModel(ViTConfig(**config), add_pooling_layer=False).save_pretrained(path)
+    return Path(path)
 
 
 def load_state_file(path):

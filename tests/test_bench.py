@@ -71,3 +71,61 @@ def test_gpu_measurement_runs_in_its_cpu_form(capsys):
     assert set(ratios(measured)) == {"real_over_synthetic_ratio", "synthetic_project_over_report_ratio",
                                      "real_project_over_report_ratio"}
     assert projection["total_hours"] > projection["train_hours"] > 0
+
+
+def write_idx(path, array):
+    """A gzipped IDX file (the MNIST format) holding a uint8 array."""
+    import gzip
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.tobytes())
+
+
+def test_fashion_mnist_layout_is_the_competitions_disjoint_and_seeded(tmp_path):
+    import numpy as np
+    import fashion_mnist
+    import data
+    rng = np.random.default_rng(0)
+    source = tmp_path / "source"
+    source.mkdir()
+    # image i of the train split holds the value i % 251 everywhere, so a file tells which image it is
+    train_labels = np.repeat(np.arange(10, dtype=np.uint8), 6)
+    train_images = np.stack([np.full((28, 28), i % 251, np.uint8) for i in range(60)])
+    write_idx(source / "train-images-idx3-ubyte.gz", train_images)
+    write_idx(source / "train-labels-idx1-ubyte.gz", train_labels)
+    write_idx(source / "t10k-images-idx3-ubyte.gz", rng.integers(0, 256, (30, 28, 28), dtype=np.uint8))
+    write_idx(source / "t10k-labels-idx1-ubyte.gz", np.repeat(np.arange(10, dtype=np.uint8), 3))
+    assert np.array_equal(fashion_mnist.read_idx(source / "train-images-idx3-ubyte.gz"), train_images)
+
+    def layout(out, seed):
+        fashion_mnist.write_layout(out, train_per_class=3, val_per_class=2, test_per_class=2, seed=seed,
+                                   source_dir=source)
+        return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+    first = layout(tmp_path / "a", 0)
+    assert first == layout(tmp_path / "b", 0) and first != layout(tmp_path / "c", 1)
+    train_paths, train_y, class_names = data.load_split(tmp_path / "a", "train")
+    val_paths, val_y, _ = data.load_split(tmp_path / "a", "val", class_names)
+    assert class_names == [str(c) for c in range(10)]
+    assert np.bincount(train_y).tolist() == [3] * 10 and np.bincount(val_y).tolist() == [2] * 10
+    assert not {p.name for p in train_paths} & {p.name for p in val_paths}  # disjoint images
+    for path, label in zip(train_paths, train_y):  # each file is the image its name says, in its class
+        index = int(path.stem)
+        assert train_labels[index] == label and first[f"train/{label}/{path.name}"] == path.read_bytes()
+    labels = (tmp_path / "a" / "test_labels.csv").read_text().splitlines()
+    assert labels[0] == "image_name,label" and len(labels) == 21
+    assert sorted(p.stem for p in (tmp_path / "a" / "test").iterdir()) == sorted(r.split(",")[0] for r in labels[1:])
+
+
+def test_accuracy_without_the_dataset_is_a_one_line_error(tmp_path):
+    result = run_script("bench.py", "accuracy", "--work-dir", tmp_path / "work", "--fashion-mnist", tmp_path,
+                        check=False)
+    assert result.returncode == 2 and result.stderr.strip() == (
+        f"error: {tmp_path / 'train-images-idx3-ubyte.gz'} is missing: install Debian's dataset-fashion-mnist "
+        "(apt-get install dataset-fashion-mnist) or point --fashion-mnist at its folder")
+
+
+def test_accuracy_summary_is_mean_and_spread_over_seeds():
+    import bench
+    summary = bench.summarize([{"seed": 0, "acc": 50.0}, {"seed": 1, "acc": 54.0}, {"seed": 2, "acc": 52.0}])
+    assert summary == {"acc": {"mean": 52.0, "std": 2.0, "min": 50.0, "max": 54.0}}
