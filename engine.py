@@ -153,14 +153,15 @@ def all_finite(tensors):
 
 
 def train_one_epoch(training, loader, *, epoch, steps_per_epoch, lr_at, start_step=0, epoch_sums=None,
-                    log_every=20, save_every=0, save_partial=None, stop=None, progress=True, desc=""):
+                    log_every=20, save_every=0, save_partial=None, stop=None, on_log=None, progress=True, desc=""):
     """Train over the loader's batches from `start_step`, setting the LR of each step to lr_at(step).
 
     epoch_sums: the running sums (loss, correct, count, seconds) of a mid-epoch checkpoint to continue
     from. Every log step checks for non-finite values (NonFiniteError) and for a stop request (a
-    utils.StopSignal, shared by the ranks); every `save_every` steps, and when stopping mid-epoch,
-    save_partial(step, epoch_sums) writes a checkpoint. Returns (metrics reduced over ranks, None) at
-    the epoch's end, or (None, step) when it stopped there."""
+    utils.StopSignal, shared by the ranks), then passes on_log(step, {"loss", "acc", "lr", "images_per_s"})
+    the epoch's running figures so far (this rank's); every `save_every` steps, and when stopping
+    mid-epoch, save_partial(step, epoch_sums) writes a checkpoint. Returns (metrics reduced over ranks,
+    None) at the epoch's end, or (None, step) when it stopped there."""
     runtime, world_size = training.runtime, dist.get_world_size() if dist.is_initialized() else 1
     prepare_images = training.prepare_images or runtime.images
     sums = epoch_sums or {"loss": 0.0, "correct": 0, "count": 0, "seconds": 0.0}
@@ -198,8 +199,12 @@ def train_one_epoch(training, loader, *, epoch, steps_per_epoch, lr_at, start_st
             if utils.any_rank(bad_step >= 0, runtime.device):
                 raise NonFiniteError(what, epoch, max(bad_step, 0) + 1)
             seconds = time.perf_counter() - started
-            bar.set_postfix(loss=f"{loss_sum.item() / count:.4f}", acc=f"{100 * correct.item() / count:.2f}",
-                            lr=f"{lr:.2e}", img_s=f"{count * world_size / seconds:.0f}")
+            figures = {"loss": loss_sum.item() / count, "acc": 100 * correct.item() / count, "lr": lr,
+                       "images_per_s": count * world_size / seconds}
+            bar.set_postfix(loss=f"{figures['loss']:.4f}", acc=f"{figures['acc']:.2f}", lr=f"{lr:.2e}",
+                            img_s=f"{figures['images_per_s']:.0f}")
+            if on_log is not None:
+                on_log(step, figures)
             stopping = utils.any_rank(stop is not None and stop.requested, runtime.device)
             if checkpoint_due or (stopping and step < steps_per_epoch):
                 save_partial(step, {"loss": loss_sum.item(), "correct": int(correct.item()), "count": count,

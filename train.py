@@ -5,7 +5,10 @@
 
 Defaults reproduce the course report: SGD momentum 0.9, batch 32, cosine LR 1e-3 -> 1e-6 stepped per
 iteration, 50 epochs at 224 px. --lr and --min-lr are per 32 images: they are scaled linearly with
---batch-size. Writes last.pt (every epoch), best.pt, history.csv, config.json and curves.png.
+--batch-size. Writes last.pt (every epoch), best.pt, history.csv, config.json, curves.png and TensorBoard
+event files (`tensorboard --logdir runs`).
+
+    python train.py --model resnext --find-lr    (LR range test: lr_find.csv, lr_find.png, a suggested --lr)
 """
 import argparse
 import dataclasses
@@ -15,6 +18,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -30,15 +34,19 @@ import checkpoints
 import data
 import engine
 import fused
+import lr_finder
 import models
+import tensorboard_log
 import transforms
 import utils
 from utils import UserError
 
 # flags that may differ when a run is resumed; every other flag comes from the checkpoint
 RUNTIME_FLAGS = ("data_dir", "out_dir", "cache_dir", "resume", "workers", "device", "stop_after", "save_every",
-                 "log_every", "compile", "detect_anomaly", "strict", "channels_last")
-ARTEFACTS = ("last.pt", "best.pt", "history.csv", "config.json", "curves.png")  # what a run writes in --out-dir
+                 "log_every", "compile", "detect_anomaly", "strict", "channels_last", "tensorboard", "find_lr",
+                 "find_lr_start", "find_lr_end", "find_lr_steps")
+# what a run (and --find-lr) writes atomically in --out-dir; TensorBoard appends to its own event files
+ARTEFACTS = ("last.pt", "best.pt", "history.csv", "config.json", "curves.png", "lr_find.csv", "lr_find.png")
 
 
 def get_args_parser():
@@ -91,6 +99,18 @@ def get_args_parser():
     parser.add_argument("--log-every", type=int, default=20, help="steps between progress updates (each costs "
                         "a host sync)")
     parser.add_argument("--detect-anomaly", action="store_true", help="torch.autograd anomaly detection (slow)")
+    parser.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", help="write no TensorBoard "
+                        "event files into --out-dir (default: write them, on rank 0)")
+    parser.add_argument("--find-lr", action="store_true", help="train nothing: run an LR range test from the "
+                        "run's starting weights with its data, optimizer and loss, write lr_find.csv and "
+                        "lr_find.png into --out-dir and print a suggested --lr: the LR of the steepest descent "
+                        "of the smoothed loss (no checkpoint is written)")
+    parser.add_argument("--find-lr-start", type=float, default=1e-7, help="--find-lr: first LR, per 32 images "
+                        "like --lr")
+    parser.add_argument("--find-lr-end", type=float, default=10.0, help="--find-lr: last LR, per 32 images")
+    parser.add_argument("--find-lr-steps", type=int, default=200, help="--find-lr: steps from start to end "
+                        "(the LR rises exponentially; the train split is cycled when it has fewer batches; the "
+                        "test stops early once the smoothed loss passes 4x its minimum)")
     return parser
 
 
@@ -100,6 +120,17 @@ def explicit_flags(argv):
     for action in parser._actions:
         action.default = argparse.SUPPRESS
     return set(vars(parser.parse_args(argv)))
+
+
+def check_find_lr(args):
+    if args.resume is not None:
+        raise UserError("--find-lr starts from the run's initial weights; leave out --resume")
+    utils.refuse_distributed("train.py --find-lr")
+    if args.find_lr_steps < 2:
+        raise UserError(f"--find-lr-steps {args.find_lr_steps} must be at least 2")
+    if not 0 < args.find_lr_start < args.find_lr_end:
+        raise UserError(f"--find-lr-start {args.find_lr_start} must be above 0 and below --find-lr-end "
+                        f"{args.find_lr_end}")
 
 
 def new_run(args, out_dir):
@@ -196,17 +227,58 @@ def forward_model(model, args, world_size, local_rank, device):
     return torch.compile(model) if args.compile else model
 
 
-def save_last(out_dir, spec, training, state, args, is_main):
-    """Write out_dir/last.pt (rank 0; every rank calls this, for the RNG gather). Returns its path."""
+def save_last(out_dir, spec, training, state, args, is_main, writer=None):
+    """Write out_dir/last.pt (rank 0; every rank calls this, for the RNG gather). Returns its path. The
+    TensorBoard writer is flushed first, so that the event files always reach as far as last.pt."""
     rng = utils.gather_rng()
     if not is_main:
         return None
+    if writer is not None:
+        writer.flush()
     ema = training.ema.module.state_dict() if training.ema is not None else None
     ckpt = checkpoints.member_checkpoint(spec, state_dict=training.model.state_dict(), ema_state_dict=ema,
                                          state=state, optimizer=training.optimizer.state_dict(),
                                          scaler=training.scaler.state_dict(), rng=rng, args=vars(args))
     checkpoints.save(ckpt, out_dir / "last.pt")
     return out_dir / "last.pt"
+
+
+def first_batch_images(train_set, sampler, prepare_images, count=16):
+    """The first `count` images of epoch 1's first batch, augmented as its first step sees them (each
+    sample's augmentation is a function of its seed: drawing them here changes no random state)."""
+    sampler.set_epoch(1)
+    images, _ = torch.utils.data.default_collate([train_set[item] for item in next(iter(sampler))[:count]])
+    return prepare_images(images)
+
+
+def find_lr(args, training, freeze, train_loader, sampler, out_dir):
+    """--find-lr: the LR range test (lr_finder) in epoch 1's set-up (its trainable stages); writes
+    lr_find.csv and lr_find.png and prints the suggested --lr. Returns the suggestion, per 32 images."""
+    model, device = training.model, training.runtime.device
+    model.train()
+    if freeze:
+        models.apply_unfreeze(model, freeze, 1, args.freeze_bn_stats)
+    training.forward_model = forward_model(model, args, 1, 0, device)
+    lrs = lr_finder.lr_steps(args.find_lr_start, args.find_lr_end, args.find_lr_steps)
+    rows = lr_finder.range_test(training, lr_finder.cycle(train_loader, sampler), lrs,
+                                lr_scale=args.batch_size / 32)
+    suggested = lr_finder.suggest(rows)
+    lr = rows[suggested]["lr"]
+    lr_finder.write_csv(rows, out_dir / "lr_find.csv")
+    lr_finder.plot(rows, suggested, out_dir / "lr_find.png", title=f"{args.model} ({args.arch}), batch "
+                   f"{args.batch_size}: LR range test")
+    ended = (f"the smoothed loss passed {lr_finder.DIVERGED:g}x its minimum at step {len(rows)}"
+             if len(rows) < len(lrs) else f"all {len(rows)} steps ran")
+    lowest = min(rows, key=lambda row: row["smoothed_loss"])
+    print(f"LR range test from {args.find_lr_start:g} to {args.find_lr_end:g} per 32 images: {ended}; the "
+          f"smoothed loss went from {rows[0]['smoothed_loss']:.4f} to {lowest['smoothed_loss']:.4f} at "
+          f"{lowest['lr']:.2e}")
+    if lowest is rows[0]:
+        warnings.warn("the smoothed loss never fell below its first value, so the suggestion means little; "
+                      "try a lower --find-lr-start or more --find-lr-steps", stacklevel=2)
+    print(f"suggested --lr {lr:.2e} (per 32 images; steepest descent of the smoothed loss, step {suggested + 1})")
+    print(f"wrote {out_dir / 'lr_find.csv'} and {out_dir / 'lr_find.png'}")
+    return lr
 
 
 def resume_hint(out_dir, world_size):
@@ -216,7 +288,10 @@ def resume_hint(out_dir, world_size):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
-    args, ckpt = resolve_args(get_args_parser().parse_args(argv), explicit_flags(argv))
+    args = get_args_parser().parse_args(argv)
+    if args.find_lr:
+        check_find_lr(args)
+    args, ckpt = resolve_args(args, explicit_flags(argv))
     rank, world_size, local_rank = utils.init_distributed()
     is_main = rank == 0
     log = print if is_main else (lambda *a, **k: None)
@@ -271,8 +346,12 @@ def main(argv=None):
                                            device=device, memory_format=runtime.memory_format)
     training = engine.Training(model, model, optimizer, scaler, nn.CrossEntropyLoss(
         label_smoothing=args.label_smoothing), runtime, ema, prepare_images)
+    if args.find_lr:
+        find_lr(args, training, freeze, train_loader, sampler, out_dir)
+        return
     if is_main and ckpt is None:
         check_disk_space(out_dir, model, ema)
+        tensorboard_log.remove_event_files(out_dir)
 
     state = checkpoints.TrainState()
     if ckpt is not None:
@@ -301,11 +380,20 @@ def main(argv=None):
         log(f"{args.model} ({args.arch}, {config['params'] / 1e6:.2f}M params) on {device} [{runtime.precision}], "
             f"{world_size} process(es); {len(class_names)} classes, {len(train_set)} train / "
             f"{len(val_set)} val images; {steps_per_epoch} steps of {args.batch_size} per epoch")
+    writer = None
+    if is_main and args.tensorboard:
+        # events an earlier process logged after the last.pt resumed from are dropped by TensorBoard
+        writer = tensorboard_log.open_writer(
+            out_dir, purge_step=None if ckpt is None else state.epoch * steps_per_epoch + state.step + 1)
+        if ckpt is None:
+            tensorboard_log.log_images(writer, first_batch_images(
+                train_set, sampler, prepare_images or runtime.images), mean, std)
 
     # -------------------------------------------------------------------- loop
     stop = utils.StopSignal()
     trainable = None
-    for epoch in range(state.epoch + 1, args.epochs + 1):
+    first_epoch = state.epoch + 1
+    for epoch in range(first_epoch, args.epochs + 1):
         model.train()
         stages = models.apply_unfreeze(model, freeze, epoch, args.freeze_bn_stats) if freeze else None
         if training.forward_model is model or stages != trainable:
@@ -318,7 +406,9 @@ def main(argv=None):
                 lr_at=functools.partial(lr_at, args, sections, steps_per_epoch, epoch), start_step=state.step,
                 epoch_sums=state.epoch_sums, log_every=args.log_every, save_every=args.save_every, stop=stop,
                 save_partial=lambda step, sums: save_last(out_dir, spec, training, dataclasses.replace(
-                    state, step=step, epoch_sums=sums), args, is_main),
+                    state, step=step, epoch_sums=sums), args, is_main, writer),
+                on_log=None if writer is None else lambda step, figures: tensorboard_log.log_step(
+                    writer, (epoch - 1) * steps_per_epoch + step, figures),
                 progress=is_main, desc=f"epoch {epoch}/{args.epochs}")
         except engine.NonFiniteError as error:
             good = out_dir / "last.pt" if (out_dir / "last.pt").exists() else args.resume or "none yet"
@@ -350,7 +440,9 @@ def main(argv=None):
         if improved:
             state.best_acc, state.best_epoch = epoch_acc, epoch
         state.epoch, state.step, state.epoch_sums, state.use_ema = epoch, 0, None, use_ema
-        path = save_last(out_dir, spec, training, state, args, is_main)
+        path = save_last(out_dir, spec, training, state, args, is_main, writer)
+        if writer is not None:  # after last.pt: a resumed run never logs this epoch again
+            tensorboard_log.log_epoch(writer, row)
         if is_main:
             if improved:
                 utils.atomic_link(path, out_dir / "best.pt")
@@ -369,6 +461,14 @@ def main(argv=None):
             break
 
     log(f"best val accuracy {state.best_acc:.2f}% (epoch {state.best_epoch}), saved in {out_dir / 'best.pt'}")
+    if writer is not None:
+        if state.epoch == args.epochs >= first_epoch:  # the run ended in this process
+            last = state.history[-1]
+            tensorboard_log.log_hparams(
+                writer, {key: value for key, value in vars(args).items() if key not in RUNTIME_FLAGS},
+                {"hparams/best_val_acc": state.best_acc, "hparams/val_acc": last["val_acc"],
+                 "hparams/val_loss": last["val_loss"], "hparams/train_loss": last["train_loss"]}, args.epochs)
+        writer.close()
     if dist.is_initialized():
         dist.destroy_process_group()
 
