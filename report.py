@@ -6,7 +6,8 @@ Reads every run folder in RUNS: train.py's (config.json, history.csv, last.pt, b
 (ensemble.pt, metrics.json). Writes report.md (--out) and, beside it and named after it, report.json (every
 value of the tables), report_curves.png (loss and accuracy of every run and ensemble head, a row each) and,
 for the model analysed, report_confusion.png (val confusion matrix, log colour scale), report_per_class.csv
-(val accuracy per class) and report_misclassified.png (the most confident mistakes on val). report.md holds
+(val accuracy per class) and report_misclassified.png (the most confident mistakes on val), and with --cam N
+Grad-CAM overlays in report_cam/ (misclassified.png and a figure per most confused pair). report.md holds
 the gradual unfreezing table of each resnext_freeze run, the member and ensemble table, the figures and the
 analysed model's most confused class pairs. The model analysed is the one the submission uses: the complete
 ensemble with the highest val accuracy (predict.py's default is ensemble.pt), or without one the complete
@@ -18,12 +19,14 @@ reason, and is never the model analysed.
 import argparse
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
+import cam
 import checkpoints
 import data
 import engine
@@ -43,6 +46,7 @@ MAX_MISCLASSIFIED = 24
 MAX_TICKS = 50  # class labels per confusion-matrix axis; beyond that every k-th class is labelled
 ANNOTATE_MAX = 30  # up to this many classes the counts are written in the cells
 TOP_PAIRS = 10
+CAM_PAIR_NAME = "pair_{rank:02d}_{true}_{predicted}.png"  # in the CAM folder, rank 1 = the most confused pair
 
 
 def get_args_parser():
@@ -53,6 +57,10 @@ def get_args_parser():
                         "None: the one its run was trained on")
     parser.add_argument("--out", type=Path, help="the Markdown report to write (None: RUNS/report.md); the "
                         "other files go beside it")
+    parser.add_argument("--cam", type=int, default=0, metavar="N",
+                        help="Grad-CAM overlays of the analysed model (of each member for an ensemble) on the "
+                        "misclassified val images shown, and on N of each most confused pair's mistakes and N "
+                        "correct val images of each of its two classes (0: none)")
     engine.add_inference_args(parser)
     return parser
 
@@ -200,14 +208,15 @@ def find_runs(runs_dir):
 # ----------------------------------------------------------------------------
 # the analysed model's val predictions
 
-def predict_val(run, data_dir, runtime, batch_size, workers):
-    """(val paths, labels (N,), probabilities (N, C), class names) of a run's checkpoint on data_dir/val."""
-    ckpt = checkpoints.load(run["checkpoint"])
+def eval_transform_of(ckpt):
+    return transforms.eval_transform(ckpt["img_size"], mean=ckpt["mean"], std=ckpt["std"])
+
+
+def predict_val(ckpt, model, data_dir, runtime, batch_size, workers):
+    """(val paths, labels (N,), probabilities (N, C), class names) of a checkpoint's model on data_dir/val."""
     paths, labels, class_names = data.load_split(data_dir, "val", ckpt["class_names"])
-    dataset = data.ImageDataset(paths, range(len(paths)),
-                                transforms.eval_transform(ckpt["img_size"], mean=ckpt["mean"], std=ckpt["std"]))
-    logits = engine.predict_images(checkpoints.model_from_checkpoint(ckpt), dataset, runtime,
-                                   batch_size=batch_size, workers=workers, desc="val")
+    dataset = data.ImageDataset(paths, range(len(paths)), eval_transform_of(ckpt))
+    logits = engine.predict_images(model, dataset, runtime, batch_size=batch_size, workers=workers, desc="val")
     return paths, torch.tensor(labels), logits.softmax(1), class_names
 
 
@@ -326,6 +335,101 @@ def plot_misclassified(mistakes, class_names, path):
 
 
 # ----------------------------------------------------------------------------
+# Grad-CAM
+
+def val_images(indices, paths, labels, preds, confidence):
+    """(path, true index, predicted index, confidence) of each val image index, as the image grids take them."""
+    return [(paths[i], int(labels[i]), int(preds[i]), float(confidence[i])) for i in indices]
+
+
+def pair_images(labels, preds, confidence, true, predicted, count):
+    """Val image indices, up to `count` of each group: `true` predicted as `predicted`, then correct `true`,
+    then correct `predicted`; the most confident first."""
+    order = confidence.argsort(descending=True, stable=True)
+    picks = []
+    for label, pred in ((true, predicted), (true, true), (predicted, predicted)):
+        picks += order[(labels[order] == label) & (preds[order] == pred)][:count].tolist()
+    return picks
+
+
+def safe_name(name):
+    """A class name as a file name part that needs no escaping in a Markdown link."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name)
+
+
+def cam_members(ckpt, model, run_name):
+    """(name, member model) of each model whose Grad-CAMs are drawn: an ensemble's members, named after
+    their run folders (the head only mixes their logits), or the member itself."""
+    if ckpt["kind"] == "ensemble":
+        return [(Path(entry["source"]).parent.name, member) for entry, member in zip(ckpt["members"], model.members)]
+    return [(run_name, model)]
+
+
+def compute_cams(members, images, transform, runtime, batch_size):
+    """Per member, the heatmaps (N, h, w) of the images (val_images tuples): each of its predicted class,
+    on the image as the eval pipeline gives it to the model."""
+    heatmaps = [[] for _ in members]
+    for start in range(0, len(images), batch_size):
+        batch = images[start:start + batch_size]
+        pixels = runtime.images(torch.stack([transform(path) for path, *_ in batch]))
+        for maps, (_, member) in zip(heatmaps, members):
+            maps.append(cam.grad_cams(member, pixels, [pred for _, _, pred, _ in batch]))
+    return [torch.cat(maps) for maps in heatmaps]
+
+
+def cam_images_per_row(num_members):
+    return max(1, GRID_COLUMNS // (1 + num_members))
+
+
+def cam_grid_size(num_images, num_members):
+    """Inches of a plot_cams figure: each image takes 1 + num_members tiles, side by side."""
+    per_row = cam_images_per_row(num_members)
+    return TILE_SIZE[0] * per_row * (1 + num_members), TILE_SIZE[1] * math.ceil(num_images / per_row)
+
+
+def plot_cams(images, member_names, heatmaps, class_names, path):
+    """Per image (val_images tuples, in order) a tile of the image, its true and predicted class and the
+    confidence (red: wrong, green: right), then the Grad-CAM of the predicted class of each member."""
+    plt = pyplot()
+    per_row, width = cam_images_per_row(len(member_names)), 1 + len(member_names)
+    fig, axes = plt.subplots(math.ceil(len(images) / per_row), per_row * width, dpi=DPI, squeeze=False,
+                             figsize=cam_grid_size(len(images), len(member_names)))
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, (image_path, true, pred, confidence) in enumerate(images):
+        row, column = divmod(i, per_row)
+        tiles = axes[row, column * width:(column + 1) * width]
+        img = data.load_rgb(image_path)
+        img.thumbnail((256, 256))
+        tiles[0].imshow(img)
+        tiles[0].set_title(f"true: {short(class_names[true], 18)}\npred: {short(class_names[pred], 18)} "
+                           f"({100 * confidence:.0f}%)", fontsize=9, color="firebrick" if true != pred else "darkgreen")
+        for ax, name, maps in zip(tiles[1:], member_names, heatmaps):
+            ax.imshow(cam.overlay(img, maps[i]))
+            ax.set_title(f"{short(name, 18)}\nGrad-CAM of {short(class_names[pred], 10)}", fontsize=9)
+    fig.tight_layout()
+    utils.atomic_savefig(fig, path)
+    plt.close(fig)
+
+
+def write_cams(members, figures, class_names, transform, runtime, batch_size, folder):
+    """Draw each figure ({file name: val_images tuples}) into folder, and delete the figures an earlier report
+    left there that this one does not have. Returns the heatmaps' size (h, w)."""
+    folder.mkdir(exist_ok=True)
+    unique = list(dict.fromkeys(image for images in figures.values() for image in images))  # figures share images
+    heatmaps = compute_cams(members, unique, transform, runtime, batch_size)
+    row = {image: i for i, image in enumerate(unique)}
+    for name, images in figures.items():
+        rows = torch.tensor([row[image] for image in images])
+        plot_cams(images, [member_name for member_name, _ in members], [maps[rows] for maps in heatmaps],
+                  class_names, folder / name)
+    for stale in [folder / "misclassified.png", *folder.glob("pair_*.png")]:
+        if stale.name not in figures and stale.is_file():
+            stale.unlink()
+    return tuple(heatmaps[0].shape[1:])
+
+
+# ----------------------------------------------------------------------------
 # Markdown
 
 def fmt(value):
@@ -431,13 +535,35 @@ def render(runs_dir, runs, summary, files, analysed, notes):
                   "class, confidence of the prediction):", "", f"![misclassified]({files['misclassified']})"]
     else:
         lines.append("None.")
+    if analysed.get("cam"):
+        lines += ["", *render_cam(analysed["cam"], analysed["top_confusions"])]
     return "\n".join(lines) + "\n"
+
+
+def render_cam(summary, pairs):
+    layers = ", ".join(f"{member['name']} at {member['layer']}" for member in summary["members"])
+    height, width = summary["heatmap_size"]
+    lines = ["### Grad-CAM", "",
+             f"Each val image is followed by the Grad-CAM of its predicted class in {layers} ({height} x {width} "
+             f"maps at {summary['img_size']} px, stretched over the image): red is where the evidence for that class "
+             "lies, blue adds none, and each map is scaled to its own maximum, so compare where maps point, not how "
+             "strongly.", ""]
+    if height * width == 1:
+        lines += [f"At {summary['img_size']} px the map is a single value and shows nothing; train with a larger "
+                  "--img-size for maps worth reading.", ""]
+    lines += [f"![Grad-CAM of the misclassified val images]({summary['misclassified']})", "",
+              f"The most confused pairs, each with up to {summary['per_pair']} of its mistakes, then up to "
+              f"{summary['per_pair']} correct val images of each of its two classes:", ""]
+    lines += [f"- [{p['true']} predicted as {p['predicted']}]({p['cam']}) ({p['cam_images']} images)" for p in pairs]
+    return lines
 
 
 # ----------------------------------------------------------------------------
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
+    if args.cam < 0:
+        raise UserError(f"--cam {args.cam}: give the number of images per confused pair, or 0 for no Grad-CAM")
     if not args.runs.is_dir():
         raise UserError(f"runs folder {args.runs} does not exist; give the folder that holds the run folders")
     out = args.out or args.runs / "report.md"
@@ -481,7 +607,9 @@ def main(argv=None):
         print(f"analysed model: {analysed_run['name']} ({analysed_run['best_val_acc']:.2f}); predicting "
               f"{data_dir / 'val'} on {runtime.device} [{runtime.precision}]")
         batch_size = engine.resolve_batch_size(args.batch_size, runtime.device)
-        paths, labels, probs, class_names = predict_val(analysed_run, data_dir, runtime, batch_size, workers)
+        ckpt = checkpoints.load(analysed_run["checkpoint"])
+        model = checkpoints.model_from_checkpoint(ckpt)
+        paths, labels, probs, class_names = predict_val(ckpt, model, data_dir, runtime, batch_size, workers)
         confidence, preds = probs.max(1)
         matrix = confusion_matrix(labels.numpy(), preds.numpy(), len(class_names))
         wrong = (preds != labels).nonzero().flatten()
@@ -500,8 +628,27 @@ def main(argv=None):
                                 per_class(matrix, class_names).to_csv(index=False, float_format="%.2f"))
         if len(wrong):
             files["misclassified"] = f"{stem.name}_misclassified.png"
-            shown = [(paths[i], int(labels[i]), int(preds[i]), float(confidence[i])) for i in wrong[:MAX_MISCLASSIFIED]]
+            shown = val_images(wrong[:MAX_MISCLASSIFIED], paths, labels, preds, confidence)
             plot_misclassified(shown, class_names, out.parent / files["misclassified"])
+        if args.cam and len(wrong):  # without mistakes there is nothing to explain, and no pair
+            cam_dir = f"{stem.name}_cam"
+            figures = {"misclassified.png": shown}
+            for rank, pair in enumerate(analysed["top_confusions"], 1):
+                name = CAM_PAIR_NAME.format(rank=rank, true=safe_name(pair["true"]),
+                                            predicted=safe_name(pair["predicted"]))
+                picks = pair_images(labels, preds, confidence, class_names.index(pair["true"]),
+                                    class_names.index(pair["predicted"]), args.cam)
+                figures[name] = val_images(picks, paths, labels, preds, confidence)
+                pair.update(cam=f"{cam_dir}/{name}", cam_images=len(picks))
+            members = cam_members(ckpt, model, analysed_run["name"])
+            print(f"Grad-CAM of {len(members)} model(s) on {sum(map(len, figures.values()))} val images")
+            heatmap_size = write_cams(members, figures, class_names, eval_transform_of(ckpt), runtime, batch_size,
+                                      out.parent / cam_dir)
+            analysed["cam"] = {"members": [{"name": name, "layer": cam.target_layer_name(member)}
+                                           for name, member in members],
+                               "heatmap_size": list(heatmap_size), "img_size": ckpt["img_size"], "per_pair": args.cam,
+                               "misclassified": f"{cam_dir}/misclassified.png", "shown": len(shown)}
+            files["cam"] = [f"{cam_dir}/{name}" for name in figures]
 
     # -------------------------------------------------------------------- write
     report = {"runs_dir": str(args.runs), "summary": summary, "analysed_model": analysed, "files": files,
@@ -509,7 +656,8 @@ def main(argv=None):
     utils.atomic_write_json(stem.with_suffix(".json"), report)
     utils.atomic_write_text(out, render(args.runs, runs, summary, files, analysed, notes))
     incomplete = sum(run["status"] != "complete" for run in runs)
-    print(f"wrote {out}, {stem.with_suffix('.json').name} and {len(files)} figure/table file(s) for {len(runs)} "
+    written = sum(len(value) if isinstance(value, list) else 1 for value in files.values())
+    print(f"wrote {out}, {stem.with_suffix('.json').name} and {written} figure/table file(s) for {len(runs)} "
           f"run(s){f', {incomplete} incomplete' if incomplete else ''}")
 
 

@@ -2,6 +2,7 @@
 the checkpoints, the figures have their sizes, incomplete runs are labelled."""
 import json
 import os
+import re
 import shutil
 
 import pandas as pd
@@ -23,7 +24,8 @@ import utils
 def runs_dir(member_runs, demo_dir, tmp_path_factory):
     """The members (hard links: the fixture's files are never written), an ensemble of them, and incomplete
     runs: one that crashed after epoch 1 and lost last.pt, one whose last.pt is garbage, one with only its
-    config.json, an ensemble without ensemble.pt; reported once."""
+    config.json, an ensemble without ensemble.pt; reported once, with --cam 1, over a Grad-CAM pair figure of
+    an earlier report."""
     runs = tmp_path_factory.mktemp("report") / "runs"
     for name, folder in member_runs.items():
         shutil.copytree(folder, runs / name, copy_function=os.link)
@@ -44,13 +46,20 @@ def runs_dir(member_runs, demo_dir, tmp_path_factory):
                    "--workers", "0", "--device", "cpu"])
     (runs / "unfinished_ensemble").mkdir()
     shutil.copyfile(runs / "ensemble" / "metrics.json", runs / "unfinished_ensemble" / "metrics.json")
-    report.main([str(runs), "--device", "cpu", "--workers", "0"])
+    (runs / "report_cam").mkdir()
+    (runs / "report_cam" / "pair_11_a_b.png").write_bytes(b"an earlier report's pair")
+    report.main([str(runs), "--cam", "1", "--device", "cpu", "--workers", "0"])
     return runs
 
 
 @pytest.fixture(scope="module")
 def result(runs_dir):
     return json.loads((runs_dir / "report.json").read_text())
+
+
+def size(inches):
+    """A figure's pixels."""
+    return round(inches[0] * report.DPI), round(inches[1] * report.DPI)
 
 
 def val_outputs(model, ckpt, demo_dir):
@@ -133,9 +142,6 @@ def test_tables_equal_histories_and_checkpoints(runs_dir, result, member_runs, d
 
 
 def test_figures_have_their_sizes(runs_dir, result):
-    def size(inches):
-        return round(inches[0] * report.DPI), round(inches[1] * report.DPI)
-
     files = result["files"]
     # a row per run with a history: 3 members, crashed, corrupt, 2 ensemble heads; not the started run
     assert Image.open(runs_dir / files["curves"]).size == size(report.curves_size(7))
@@ -169,6 +175,42 @@ def test_user_errors(runs_dir, tmp_path):
     assert not (tmp_path / "nowhere").exists()
     with pytest.raises(utils.UserError, match="holds no run folders"):
         report.main([str(tmp_path)])
+    with pytest.raises(utils.UserError, match=r"^--cam -1: give the number of images per confused pair, or 0"):
+        report.main([str(runs_dir), "--cam", "-1"])
     with pytest.raises(utils.UserError, match=r"\(--data-dir\) does not exist"):
         report.main([str(runs_dir), "--data-dir", str(tmp_path), "--out", str(tmp_path / "r.md")])
     assert not (tmp_path / "r.md").exists()
+
+
+def test_cam_overlays(runs_dir, result):
+    """--cam 1: one figure of the misclassified images shown and one per confused pair, a Grad-CAM per
+    ensemble member (the wrapped block in resnext_vit), linked from report.md; an earlier report's pair
+    figure is removed."""
+    best, summary = result["analysed_model"], result["analysed_model"]["cam"]
+    assert best["run"] == "ensemble"
+    assert {m["name"]: m["layer"] for m in summary["members"]} == {
+        "resnext": "layer4.0", "resnext_freeze": "layer4.0", "resnext_vit": "layer4.0.block"}
+    assert (summary["heatmap_size"], summary["img_size"], summary["per_pair"]) == ([1, 1], 32, 1)
+
+    # images per figure: the misclassified grid's, and per pair 1 mistake + 1 correct image of each class it has
+    per_class = pd.read_csv(runs_dir / result["files"]["per_class"], keep_default_na=False)
+    correct = dict(zip(per_class["class"].astype(str), per_class["correct"]))
+    expected = {"report_cam/misclassified.png": best["shown"]}
+    for rank, pair in enumerate(best["top_confusions"], 1):
+        assert pair["cam"] == f"report_cam/pair_{rank:02d}_{pair['true']}_{pair['predicted']}.png"
+        expected[pair["cam"]] = pair["cam_images"]
+        assert pair["cam_images"] == 1 + min(1, correct[pair["true"]]) + min(1, correct[pair["predicted"]])
+    assert len(expected) == len(best["top_confusions"]) + 1 > 1
+    assert result["files"]["cam"] == list(expected)
+    assert sorted(path.name for path in (runs_dir / "report_cam").iterdir()) == sorted(
+        name.split("/")[1] for name in expected)
+    for name, images in expected.items():
+        with Image.open(runs_dir / name) as figure:
+            figure.load()
+            assert figure.size == size(report.cam_grid_size(images, 3))
+
+    section = (runs_dir / "report.md").read_text().split("### Grad-CAM\n")[1]
+    links = re.findall(r"\]\(([^)]+)\)", section)
+    assert links == list(expected) and all((runs_dir / link).is_file() for link in links)
+    assert "resnext_vit at layer4.0.block (1 x 1 maps at 32 px" in section
+    assert "At 32 px the map is a single value and shows nothing" in section
