@@ -249,8 +249,9 @@ def infer(models, loader, runtime, *, views=(identity,), desc=None):
 
 
 def evaluate(model, loader, runtime):
-    """{"loss", "acc" (%)} over the loader's images; under torchrun each rank passes its own shard and the
-    sums are reduced, so every image counts once."""
+    """{"loss", "acc" (%), "correct", "count"} over the loader's images (the counts give acc its interval,
+    stats.wilson_interval); under torchrun each rank passes its own shard and the sums are reduced, so every
+    image counts once."""
     (logits,), labels = infer([model], loader, runtime)
     loss = F.cross_entropy(logits, labels, reduction="sum").item() if len(labels) else 0.0
     totals = torch.tensor([loss, (logits.argmax(1) == labels).sum().item(), len(labels)], dtype=torch.float64,
@@ -258,7 +259,7 @@ def evaluate(model, loader, runtime):
     if dist.is_initialized():
         dist.all_reduce(totals)
     loss, correct, count = totals.tolist()
-    return {"loss": loss / count, "acc": 100 * correct / count}
+    return {"loss": loss / count, "acc": 100 * correct / count, "correct": int(correct), "count": int(count)}
 
 
 def predict_images(model, dataset, runtime, *, batch_size, workers, views=(identity,), desc="predict"):

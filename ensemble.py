@@ -7,7 +7,8 @@ over --views augmented views of train (train.py's augmentation, seeded per image
 Linear(M x C -> C) trains on those stored logits (Adam, cosine schedule, on the CPU: it is small). The
 head starts as the plain average of the members' logits, and weight decay pulls it back towards that
 average rather than towards zero. Writes ensemble.pt (self-contained: the members' weights and specs and
-the head), metrics.json and logits_cache.pt to --out-dir.
+the head), metrics.json and logits_cache.pt to --out-dir. Every val accuracy comes with its 95% Wilson
+interval, and the ensemble is compared with its best member on the same val images (McNemar's exact test).
 
 The logits cache is reused, member by member, while a member file's content (SHA-256) is unchanged and
 the data's file list (relative paths, labels, sizes and modification times), --views, --seed,
@@ -29,6 +30,7 @@ import checkpoints
 import data
 import engine
 import models
+import stats
 import transforms
 import utils
 from utils import UserError
@@ -177,8 +179,25 @@ def averaging_head(num_members, num_classes):
     return head
 
 
-def accuracy(logits, labels):
-    return 100 * (logits.argmax(1) == labels).double().mean().item()
+def is_right(logits, labels):
+    """Per image (the last dimension of logits holds the classes): whether its argmax is the label."""
+    return logits.argmax(-1) == labels
+
+
+def accuracy_fields(key, right):
+    """{key: accuracy (%), key_low, key_high: its 95% Wilson interval} of a boolean per-image tensor."""
+    return stats.accuracy_fields(key, int(right.sum()), len(right))
+
+
+def paired_comparison(ensemble_right, members, member_right):
+    """McNemar's exact test of the ensemble against its best member (the first of the highest val accuracy)
+    on the same val images, from boolean per-image correctness (member_right: (M, V))."""
+    best = int(member_right.sum(1).argmax())  # argmax returns the first of equal maxima
+    ensemble_only, member_only = stats.discordant_pairs(ensemble_right, member_right[best])
+    return {"best_member": {"model": members[best]["model"], "path": members[best]["source"],
+                            **accuracy_fields("val_acc", member_right[best])},
+            "ensemble_right_member_wrong": ensemble_only, "ensemble_wrong_member_right": member_only,
+            "mcnemar_p": stats.mcnemar_exact(ensemble_only, member_only)}
 
 
 def train_head(head, train_x, train_y, val_x, val_y, *, epochs, lr, weight_decay, batch_size, seed):
@@ -213,7 +232,8 @@ def train_head(head, train_x, train_y, val_x, val_y, *, epochs, lr, weight_decay
         with torch.no_grad():
             val_logits = head(val_x)
         history.append({"epoch": epoch, "train_loss": loss_sum / num_images,
-                        "val_loss": F.cross_entropy(val_logits, val_y).item(), "val_acc": accuracy(val_logits, val_y)})
+                        "val_loss": F.cross_entropy(val_logits, val_y).item(),
+                        **accuracy_fields("val_acc", is_right(val_logits, val_y))})
     return history
 
 
@@ -274,21 +294,24 @@ def main(argv=None):
     history = train_head(head, train_x, train_y, val_x, val_y, epochs=args.epochs, lr=args.lr,
                          weight_decay=args.weight_decay, batch_size=args.head_batch_size, seed=args.seed)
     with torch.no_grad():
-        head_acc = accuracy(head(val_x), val_y)
+        head_right = is_right(head(val_x), val_y)
     member_val = torch.stack([entry["val"] for entry in logits])  # (M, V, C)
-    average_acc = accuracy(member_val.mean(0), val_y)
+    member_right = is_right(member_val, val_y)  # (M, V)
+    average_right = is_right(member_val.mean(0), val_y)
+    ensemble_right = head_right if args.combiner == "head" else average_right
     if args.combiner == "average":
         head = averaging_head(len(members), num_classes)
     metrics = {
         "members": [{"path": m["source"], "model": m["model"], "arch": m["arch"], "use_ema": m["use_ema"],
-                     "val_acc": accuracy(v, val_y)} for m, v in zip(members, member_val)],
-        "logit_average_val_acc": average_acc,
-        "softmax_average_val_acc": accuracy(member_val.softmax(-1).mean(0), val_y),
-        "head_val_acc": head_acc, "combiner": args.combiner,
-        "val_acc": head_acc if args.combiner == "head" else average_acc, "views": args.views, "epochs": args.epochs,
+                     **accuracy_fields("val_acc", right)} for m, right in zip(members, member_right)],
+        **accuracy_fields("logit_average_val_acc", average_right),
+        **accuracy_fields("softmax_average_val_acc", is_right(member_val.softmax(-1).mean(0), val_y)),
+        **accuracy_fields("head_val_acc", head_right), "combiner": args.combiner,
+        **accuracy_fields("val_acc", ensemble_right), "views": args.views, "epochs": args.epochs,
         "lr": args.lr, "weight_decay": args.weight_decay, "seed": args.seed, "precision": runtime.precision,
         "device": str(runtime.device), "data_dir": str(args.data_dir), "train_images": len(train_set),
         "val_images": len(val_set),
+        "paired": paired_comparison(ensemble_right, members, member_right),
         "cache": {"reused": len(members) - len(todo), "computed": len(todo)},
         "seconds": {"logits": logits_seconds, "head": time.perf_counter() - start - logits_seconds},
         "history": history,
@@ -301,15 +324,21 @@ def main(argv=None):
     utils.atomic_write_json(args.out_dir / "metrics.json", metrics)
 
     width = max(len(m["source"]) for m in members) + 16
-    print(f"\n{'model':<{width}} val acc (%)")
-    for m, row in zip(members, metrics["members"]):
-        print(f"{m['model'] + ' (' + m['source'] + ')':<{width}} {row['val_acc']:11.2f}")
-    print(f"{'logit average':<{width}} {metrics['logit_average_val_acc']:11.2f}")
-    print(f"{'softmax average':<{width}} {metrics['softmax_average_val_acc']:11.2f}")
     head_name = f"stacking head ({args.epochs} epoch{'s' if args.epochs != 1 else ''})"
-    print(f"{head_name:<{width}} {head_acc:11.2f}")
+    table = [(f"{m['model']} ({m['source']})", row, "val_acc") for m, row in zip(members, metrics["members"])]
+    table += [("logit average", metrics, "logit_average_val_acc"),
+              ("softmax average", metrics, "softmax_average_val_acc"), (head_name, metrics, "head_val_acc")]
+    print(f"\n{'model':<{width}} val acc (%)  95% Wilson interval")
+    for name, values, key in table:
+        interval = stats.interval_text(values[f"{key}_low"], values[f"{key}_high"])
+        print(f"{name:<{width}} {values[key]:11.2f}  {interval}")
     combiner = "stacking head" if args.combiner == "head" else "logit average"
+    paired, best = metrics["paired"], metrics["paired"]["best_member"]
+    print(f"\npaired on the same {len(val_set)} val images: " + stats.paired_text(
+        f"the ensemble ({combiner})", f"its best member, {best['model']} ({best['path']}),",
+        paired["ensemble_right_member_wrong"], paired["ensemble_wrong_member_right"], paired["mcnemar_p"]))
     print(f"\nsaved {args.out_dir / 'ensemble.pt'} ({combiner}) and metrics.json ({metrics['seconds']['total']:.1f}s)")
+    head_acc, average_acc = metrics["head_val_acc"], metrics["logit_average_val_acc"]
     if args.combiner == "head" and head_acc < average_acc:
         warnings.warn(f"the trained head ({head_acc:.2f}) is below the plain logit average ({average_acc:.2f}) on "
                       "val: it learned the members' train logits, not their val behaviour; --combiner average "

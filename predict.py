@@ -19,6 +19,7 @@ import pandas as pd
 import checkpoints
 import data
 import engine
+import stats
 import transforms
 import utils
 from utils import UserError
@@ -172,7 +173,9 @@ def main(argv=None):
         print(f"wrote {logits_path}")
     if truth is not None:
         correct = sum(p == t for p, t in zip(frame["pred_label"], truth))
-        print(f"accuracy {100 * correct / len(truth):.2f}% ({correct}/{len(truth)} images, --labels {args.labels})")
+        interval = stats.interval_text(*stats.wilson_interval(correct, len(truth)))
+        print(f"accuracy {100 * correct / len(truth):.2f}% {interval} (95% Wilson interval) ({correct}/{len(truth)} "
+              f"images, --labels {args.labels})")
 
 
 if __name__ == "__main__":

@@ -8,10 +8,12 @@ value of the tables), report_curves.png (loss and accuracy of every run and ense
 for the model analysed, report_confusion.png (val confusion matrix, log colour scale), report_per_class.csv
 (val accuracy per class) and report_misclassified.png (the most confident mistakes on val), and with --cam N
 Grad-CAM overlays in report_cam/ (misclassified.png and a figure per most confused pair). report.md holds
-the gradual unfreezing table of each resnext_freeze run, the member and ensemble table, the figures and the
-analysed model's most confused class pairs. The model analysed is the one the submission uses: the complete
-ensemble with the highest val accuracy (predict.py's default is ensemble.pt), or without one the complete
-member with the highest; a member that beats the ensemble on val is pointed out. Its predictions are
+the gradual unfreezing table of each resnext_freeze run, the member and ensemble table (val accuracies with
+their 95% Wilson interval), each ensemble's paired comparison with its best member on the same val images
+(McNemar's exact test, from metrics.json), the figures and the analysed model's most confused class pairs. The
+model analysed is the one the submission uses: the complete ensemble with the highest val accuracy
+(predict.py's default is ensemble.pt), or without one the complete member with the highest; a member that
+beats the ensemble on val is pointed out. Its predictions are
 recomputed from its checkpoint (best.pt or ensemble.pt) on DATA/val, DATA being the data its run was trained
 on unless --data-dir is given. A run still training, stopped or crashed is listed as incomplete, with the
 reason, and is never the model analysed.
@@ -31,6 +33,7 @@ import checkpoints
 import data
 import engine
 import models
+import stats
 import transforms
 import utils
 from utils import UserError
@@ -120,14 +123,33 @@ def read_metrics(path):
                 "head": float(metrics["head_val_acc"]), "head_epochs": metrics.get("epochs"),
                 "combiner": metrics.get("combiner", "head"),
                 "val_acc": float(metrics.get("val_acc", metrics["head_val_acc"])),
-                "head_history": metrics.get("history") or [], "data_dir": metrics.get("data_dir")}, None
+                "head_history": metrics.get("history") or [], "data_dir": metrics.get("data_dir"),
+                "val_images": metrics.get("val_images"), "paired": read_paired(metrics.get("paired"))}, None
     except (KeyError, TypeError, ValueError) as error:
         return None, f"metrics.json lacks or mangles {error}"
 
 
-def unfreeze_table(frame, unfreeze, epochs):
+def read_paired(paired):
+    """metrics.json's McNemar comparison of the ensemble with its best member (None: an older ensemble.py's)."""
+    if paired is None:
+        return None
+    best = paired["best_member"]
+    return {"member": str(best["model"]), "member_path": str(best["path"]), "member_val_acc": float(best["val_acc"]),
+            "ensemble_only": int(paired["ensemble_right_member_wrong"]),
+            "member_only": int(paired["ensemble_wrong_member_right"]), "p": float(paired["mcnemar_p"])}
+
+
+def with_interval(row, key, images):
+    """row with key_low and key_high: the 95% Wilson interval of the accuracy row[key] measured on `images` val
+    images (None when either is unknown)."""
+    known = row[key] is not None and bool(images)
+    row[f"{key}_low"], row[f"{key}_high"] = stats.accuracy_interval(row[key], images) if known else (None, None)
+    return row
+
+
+def unfreeze_table(frame, unfreeze, epochs, val_images=None):
     """One row per gradual unfreezing section: its epochs, what it unfreezes, and the best accuracies the
-    history reached in it (None for a section not reached yet)."""
+    history reached in it (None for a section not reached yet), the val ones with their interval."""
     schedule = models.parse_unfreeze(unfreeze)
     keys = ["train_acc", "val_acc"] + ["ema_val_acc"] * (frame is not None and "ema_val_acc" in frame)
     rows = []
@@ -140,6 +162,8 @@ def unfreeze_table(frame, unfreeze, epochs):
                "action": action}
         for key in keys:
             row[f"best_{key}"] = number(part[key].max()) if len(part) else None
+            if key != "train_acc":  # a running figure over changing weights and augmentations: no interval
+                with_interval(row, f"best_{key}", val_images)
         rows.append(row)
     return rows
 
@@ -162,14 +186,16 @@ def read_member_run(folder):
     run = {"name": folder.name, "path": str(folder), "kind": "member", "model": config.get("model", "?"),
            "status": "incomplete" if reasons else "complete", "reason": "; ".join(reasons),
            "epochs_done": done, "epochs": epochs, "best_val_acc": None, "best_epoch": None,
-           "checkpoint": str(folder / "best.pt"), "data_dir": config.get("data_dir"), "unfreeze": None,
+           "checkpoint": str(folder / "best.pt"), "data_dir": config.get("data_dir"),
+           "val_images": config.get("val_images"), "unfreeze": None,
            "section_starts": [], "history": [] if frame is None else frame.to_dict("records")}
     if frame is not None:
         # the checkpoint train.py keeps as best.pt scored max(raw, EMA) val accuracy; ties: the first epoch
         score = frame[[c for c in ("val_acc", "ema_val_acc") if c in frame]].max(axis=1)
         run["best_val_acc"], run["best_epoch"] = number(score.max()), int(frame["epoch"][score.idxmax()])
     if run["model"] == "resnext_freeze" and epochs is not None:
-        run["unfreeze"] = unfreeze_table(frame, config.get("unfreeze", models.DEFAULT_UNFREEZE), epochs)
+        run["unfreeze"] = unfreeze_table(frame, config.get("unfreeze", models.DEFAULT_UNFREEZE), epochs,
+                                         run["val_images"])
         run["section_starts"] = [row["first"] for row in run["unfreeze"][1:]]
     return run
 
@@ -182,12 +208,16 @@ def read_ensemble_run(folder):
            "status": "incomplete" if reasons else "complete", "reason": "; ".join(reasons),
            "best_val_acc": None, "checkpoint": str(folder / "ensemble.pt"), "data_dir": None,
            "members": [], "unfreeze": None, "logit_average": None, "softmax_average": None, "head": None,
-           "head_epochs": None, "combiner": None, "history": [], "section_starts": []}
+           "head_epochs": None, "combiner": None, "history": [], "section_starts": [], "val_images": None,
+           "paired": None}
     if metrics is not None:
         run.update(members=metrics["members"], logit_average=metrics["logit_average"],
                    softmax_average=metrics["softmax_average"], head=metrics["head"], combiner=metrics["combiner"],
                    best_val_acc=metrics["val_acc"],
-                   head_epochs=metrics["head_epochs"], history=metrics["head_history"], data_dir=metrics["data_dir"])
+                   head_epochs=metrics["head_epochs"], history=metrics["head_history"], data_dir=metrics["data_dir"],
+                   val_images=metrics["val_images"], paired=metrics["paired"])
+        for member in run["members"]:
+            with_interval(member, "val_acc", run["val_images"])
     return run
 
 
@@ -436,6 +466,23 @@ def fmt(value):
     return "-" if value is None else f"{value:.2f}"
 
 
+def fmt_acc(row, key):
+    """row[key] with its interval (with_interval), e.g. '87.33 [83.1, 90.6]'; without a val count, alone."""
+    if row.get(f"{key}_low") is None:
+        return fmt(row.get(key))
+    return stats.accuracy_text(row[key], row[f"{key}_low"], row[f"{key}_high"])
+
+
+def paired_sentence(run):
+    """The ensemble against its best member on the same val images, in words (McNemar's exact test)."""
+    paired = run["paired"]
+    best = with_interval({"val_acc": paired["member_val_acc"]}, "val_acc", run["val_images"])
+    combiner = "trained head" if run["combiner"] == "head" else "logit average"
+    return (f"Paired on the same {run['val_images']} val images: " + stats.paired_text(
+        f"the ensemble ({combiner})", f"its best member, {paired['member']} ({fmt_acc(best, 'val_acc')}),",
+        paired["ensemble_only"], paired["member_only"], paired["p"]) + ".")
+
+
 def md_table(header, rows):
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(cell).replace("|", "/") for cell in row) + " |" for row in rows]
@@ -452,8 +499,9 @@ def summary_rows(runs):
     for run in runs:
         if run["kind"] == "member":
             epochs = f"{run['epochs_done']}/{run['epochs'] if run['epochs'] is not None else '?'}"
-            rows.append({"model": run["model"], "run": run["name"], "status": status_cell(run), "epochs": epochs,
-                         "val_acc": run["best_val_acc"], "best_epoch": run["best_epoch"]})
+            row = {"model": run["model"], "run": run["name"], "status": status_cell(run), "epochs": epochs,
+                   "val_acc": run["best_val_acc"], "best_epoch": run["best_epoch"]}
+            rows.append(with_interval(row, "val_acc", run["val_images"]))
         else:
             head = f"trained head ({run['head_epochs']} epochs)" if run["head_epochs"] is not None else "trained head"
             used = {"head": "head", "average": "logit_average"}.get(run["combiner"]) if run["status"] == "complete" \
@@ -461,8 +509,9 @@ def summary_rows(runs):
             for what, key in (("logit average", "logit_average"), ("softmax average", "softmax_average"),
                               (head, "head")):
                 what += ", in ensemble.pt" if key == used else ""
-                rows.append({"model": f"ensemble: {what}", "run": run["name"], "status": status_cell(run),
-                             "epochs": "", "val_acc": run[key], "best_epoch": None})
+                row = {"model": f"ensemble: {what}", "run": run["name"], "status": status_cell(run), "epochs": "",
+                       "val_acc": run[key], "best_epoch": None}
+                rows.append(with_interval(row, "val_acc", run["val_images"]))
     return rows
 
 
@@ -492,21 +541,24 @@ def choose_analysed(runs):
 
 def render(runs_dir, runs, summary, files, analysed, notes):
     lines = [f"# Report of {runs_dir}", "",
-             "Rebuilt by report.py from the run folders alone. Accuracies are percentages of the val images.", "",
+             "Rebuilt by report.py from the run folders alone. Accuracies are percentages of the val images, with "
+             "their 95% Wilson score interval in brackets.", "",
              "## Members and ensemble", "",
              md_table(["Model", "Run", "Status", "Epochs", "Best Validation Acc.", "Best epoch"],
-                      [[r["model"], r["run"], r["status"], r["epochs"], fmt(r["val_acc"]),
+                      [[r["model"], r["run"], r["status"], r["epochs"], fmt_acc(r, "val_acc"),
                         r["best_epoch"] or ""] for r in summary])]
     for run in runs:
         if run["kind"] == "ensemble" and run["members"]:
             lines += ["", f"Members of {run['name']}, measured on val by ensemble.py: "
-                      + ", ".join(f"{m['model']} {m['val_acc']:.2f} ({m['path']})" for m in run["members"]) + "."]
+                      + ", ".join(f"{m['model']} {fmt_acc(m, 'val_acc')} ({m['path']})" for m in run["members"]) + "."]
+        if run["kind"] == "ensemble" and run["paired"]:
+            lines += ["", paired_sentence(run)]
     for run in runs:
         if run["unfreeze"]:
             ema = "best_ema_val_acc" in run["unfreeze"][0]
             header = ["Epoch", "Action", "Best Training Acc.", "Best Validation Acc."] + ["Best EMA Val. Acc."] * ema
-            rows = [[r["epochs"], r["action"], fmt(r["best_train_acc"]), fmt(r["best_val_acc"])]
-                    + [fmt(r.get("best_ema_val_acc"))] * ema for r in run["unfreeze"]]
+            rows = [[r["epochs"], r["action"], fmt(r["best_train_acc"]), fmt_acc(r, "best_val_acc")]
+                    + [fmt_acc(r, "best_ema_val_acc")] * ema for r in run["unfreeze"]]
             lines += ["", f"## Gradual unfreezing: {run['name']} ({status_cell(run)})", "", md_table(header, rows)]
     lines += ["", "## Learning curves", ""]
     if "curves" in files:
@@ -517,7 +569,7 @@ def render(runs_dir, runs, summary, files, analysed, notes):
         lines.append("No complete run: no confusion matrix, per-class accuracy or misclassified images.")
         return "\n".join(lines) + "\n"
     lines += [f"{analysed['run']} ({analysed['kind']}, {analysed['checkpoint']}): {analysed['why']}. Val accuracy "
-              f"{analysed['val_acc']:.2f} recomputed from the checkpoint on {analysed['val_dir']} "
+              f"{fmt_acc(analysed, 'val_acc')} recomputed from the checkpoint on {analysed['val_dir']} "
               f"({analysed['images']} images; the table says {analysed['table_val_acc']:.2f}).", "",
               *[f"- {caveat}\n" for caveat in analysed["caveats"]],
               f"![confusion matrix]({files['confusion']})", "",
@@ -616,8 +668,8 @@ def main(argv=None):
         wrong = wrong[confidence[wrong].argsort(descending=True, stable=True)]
         analysed = {"run": analysed_run["name"], "kind": analysed_run["kind"], "checkpoint": analysed_run["checkpoint"],
                     "why": why, "caveats": caveats, "val_dir": str(data_dir / "val"), "images": len(paths),
-                    "table_val_acc": analysed_run["best_val_acc"],
-                    "val_acc": 100 * float((preds == labels).double().mean()), "mistakes": len(wrong),
+                    "table_val_acc": analysed_run["best_val_acc"], "mistakes": len(wrong),
+                    **stats.accuracy_fields("val_acc", len(paths) - len(wrong), len(paths)),
                     "shown": min(len(wrong), MAX_MISCLASSIFIED), "top_confusions": top_confusions(matrix, class_names)}
         files["confusion"] = f"{stem.name}_confusion.png"
         plot_confusion(matrix, class_names, out.parent / files["confusion"],

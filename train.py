@@ -36,6 +36,7 @@ import engine
 import fused
 import lr_finder
 import models
+import stats
 import tensorboard_log
 import transforms
 import utils
@@ -281,6 +282,11 @@ def find_lr(args, training, freeze, train_loader, sampler, out_dir):
     return lr
 
 
+def accuracy_text(row, key):
+    """A history row's accuracy with its interval, e.g. '43.12 [35.7, 50.9]'."""
+    return stats.accuracy_text(row[key], row[f"{key}_low"], row[f"{key}_high"])
+
+
 def resume_hint(out_dir, world_size):
     launcher = f"torchrun --nproc_per_node={world_size}" if world_size > 1 else "python"
     return f"{launcher} train.py --resume {out_dir / 'last.pt'}"
@@ -427,13 +433,14 @@ def main(argv=None):
         val = engine.evaluate(model, val_loader, runtime)
         ema_val = engine.evaluate(ema.module, val_loader, runtime) if ema is not None else None
         row = {"epoch": epoch, "lr": metrics["lr"], "train_loss": metrics["loss"], "train_acc": metrics["acc"],
-               "val_loss": val["loss"], "val_acc": val["acc"],
+               "val_loss": val["loss"], **stats.accuracy_fields("val_acc", val["correct"], val["count"]),
                "seconds": metrics["seconds"] + time.perf_counter() - val_started,
                "images_per_s": metrics["images_per_s"],
                "trainable_params": models.count_params(model, trainable_only=True)}
         use_ema = ema_val is not None and ema_val["acc"] > val["acc"]
         if ema_val is not None:
-            row["ema_val_loss"], row["ema_val_acc"] = ema_val["loss"], ema_val["acc"]
+            row["ema_val_loss"] = ema_val["loss"]
+            row.update(stats.accuracy_fields("ema_val_acc", ema_val["correct"], ema_val["count"]))
         epoch_acc = ema_val["acc"] if use_ema else val["acc"]
         state.history.append(row)
         improved = epoch_acc > state.best_acc
@@ -447,10 +454,10 @@ def main(argv=None):
             if improved:
                 utils.atomic_link(path, out_dir / "best.pt")
             write_history(out_dir, state.history, f"{args.model} ({args.arch})", section_starts)
-            ema_note = f" ema_val_acc {row['ema_val_acc']:.2f}" if ema is not None else ""
+            ema_note = f" ema_val_acc {accuracy_text(row, 'ema_val_acc')}" if ema is not None else ""
             tqdm.write(f"epoch {epoch}/{args.epochs} lr {row['lr']:.2e} train_loss {row['train_loss']:.4f} "
                        f"train_acc {row['train_acc']:.2f} val_loss {row['val_loss']:.4f} "
-                       f"val_acc {row['val_acc']:.2f}{ema_note} {row['images_per_s']:.0f} img/s "
+                       f"val_acc {accuracy_text(row, 'val_acc')}{ema_note} {row['images_per_s']:.0f} img/s "
                        f"{row['seconds']:.0f}s{' *' if improved else ''}")
         stopping = utils.any_rank(stop.requested, device)
         if stopping or epoch == args.stop_after:
@@ -460,7 +467,10 @@ def main(argv=None):
                 sys.exit(128 + (stop.signum or 15))
             break
 
-    log(f"best val accuracy {state.best_acc:.2f}% (epoch {state.best_epoch}), saved in {out_dir / 'best.pt'}")
+    if state.best_epoch:  # none with --epochs 0
+        interval = stats.interval_text(*stats.accuracy_interval(state.best_acc, len(val_set)))
+        log(f"best val accuracy {state.best_acc:.2f}% {interval} (95% Wilson interval; epoch {state.best_epoch}), "
+            f"saved in {out_dir / 'best.pt'}")
     if writer is not None:
         if state.epoch == args.epochs >= first_epoch:  # the run ended in this process
             last = state.history[-1]

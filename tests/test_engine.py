@@ -153,6 +153,7 @@ def test_infer_keeps_the_order_and_averages_the_views():
     metrics = engine.evaluate(models[0], loader, runtime)
     assert metrics["loss"] == pytest.approx(F.cross_entropy(plain, labels).item())
     assert metrics["acc"] == pytest.approx(100 * (plain.argmax(1) == labels).float().mean().item())
+    assert (metrics["correct"], metrics["count"]) == ((plain.argmax(1) == labels).sum().item(), 10)
 
 
 def test_progress_in_a_log_is_a_line_per_tenth(capsys):

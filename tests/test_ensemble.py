@@ -11,6 +11,7 @@ import checkpoints
 import data
 import ensemble
 import models
+import stats
 import transforms
 import utils
 
@@ -60,6 +61,44 @@ def test_head_is_as_good_as_the_members_and_rebuilds_from_its_file(ensembled, de
     with torch.no_grad():
         correct = sum((model(x).argmax(1) == y).sum().item() for x, y in loader)
     assert 100 * correct / len(val_set) == pytest.approx(metrics["head_val_acc"])
+
+
+def test_accuracies_have_intervals_and_the_ensemble_a_paired_test(ensembled):
+    out_dir, metrics, _ = ensembled
+    ckpt = checkpoints.load(out_dir / "ensemble.pt", kind="ensemble")
+    cached = checkpoints.load(out_dir / "logits_cache.pt", kind="logits")["members"]
+    val = torch.stack([cached[m["sha256"]]["val"] for m in ckpt["members"]])  # (M, V, C)
+    labels = cached[ckpt["members"][0]["sha256"]]["val_labels"]
+    head = ensemble.averaging_head(*val.shape[::2])
+    head.load_state_dict(ckpt["head_state_dict"])
+    with torch.no_grad():
+        head_right = head(torch.cat(list(val), dim=1)).argmax(1) == labels
+    member_right = val.argmax(-1) == labels
+    n = metrics["val_images"]
+    assert len(labels) == n
+
+    def assert_interval(values, key, right):
+        assert values[key] == pytest.approx(100 * right.sum().item() / n)
+        assert (values[f"{key}_low"], values[f"{key}_high"]) == stats.wilson_interval(int(right.sum()), n)
+
+    for key, right in (("head_val_acc", head_right), ("val_acc", head_right),
+                       ("logit_average_val_acc", val.mean(0).argmax(1) == labels),
+                       ("softmax_average_val_acc", val.softmax(-1).mean(0).argmax(1) == labels)):
+        assert_interval(metrics, key, right)
+    for row, right in zip(metrics["members"], member_right):
+        assert_interval(row, "val_acc", right)
+    assert all(row["val_acc_low"] <= row["val_acc"] <= row["val_acc_high"] for row in metrics["history"])
+
+    # McNemar: the ensemble in ensemble.pt against the member that scored highest on the same images
+    best = int(member_right.sum(1).argmax())
+    paired = metrics["paired"]
+    assert paired["best_member"]["path"] == ckpt["members"][best]["source"]
+    assert paired["best_member"]["val_acc"] == max(row["val_acc"] for row in metrics["members"])
+    ensemble_only = int((head_right & ~member_right[best]).sum())
+    member_only = int((member_right[best] & ~head_right).sum())
+    counts = (paired["ensemble_right_member_wrong"], paired["ensemble_wrong_member_right"])
+    assert counts == (ensemble_only, member_only)
+    assert paired["mcnemar_p"] == stats.mcnemar_exact(ensemble_only, member_only)
 
 
 def test_members_stay_bit_identical(ensembled, member_runs):
@@ -123,8 +162,17 @@ def test_cache_is_reused_and_invalidated(member_runs, small_data, tmp_path, caps
     members[2] = changing
     out_dir = tmp_path / "out"
     assert run_ensemble(members, small_data, out_dir, "--epochs", "1")["cache"] == {"reused": 0, "computed": 3}
-    assert run_ensemble(members, small_data, out_dir, "--epochs", "1")["cache"] == {"reused": 3, "computed": 0}
-    assert "logits cache: reused for all 3 members" in capsys.readouterr().out
+    metrics = run_ensemble(members, small_data, out_dir, "--epochs", "1")
+    assert metrics["cache"] == {"reused": 3, "computed": 0}
+    out = capsys.readouterr().out
+    assert "logits cache: reused for all 3 members" in out
+    interval = stats.interval_text(metrics["logit_average_val_acc_low"], metrics["logit_average_val_acc_high"])
+    assert re.search(rf"^logit average +{metrics['logit_average_val_acc']:.2f}  {re.escape(interval)}$", out,
+                     re.MULTILINE)
+    paired = metrics["paired"]
+    assert (f"paired on the same 32 val images: the ensemble (stacking head) is right on "
+            f"{paired['ensemble_right_member_wrong']} image") in out
+    assert f"(McNemar exact p = {paired['mcnemar_p']:.3g})" in out
 
     # a member file changes: that member alone is recomputed, with the weights its checkpoint chose (EMA)
     ckpt = checkpoints.load(changing, kind="member")

@@ -13,6 +13,7 @@ import checkpoints
 import data
 import engine
 import predict
+import stats
 import transforms
 import utils
 from conftest import run_script
@@ -97,9 +98,12 @@ def test_predict_member(member_runs, demo_dir, tmp_path):
     # the printed accuracy is that of the CSV against the labels file
     truth = dict(read_csv(demo_dir / "test_labels.csv").values)
     correct = sum(truth[name] == label for name, label in frame.values)
-    match = re.search(r"accuracy ([\d.]+)% \((\d+)/(\d+) images", result.stdout)
-    assert match and (int(match[2]), int(match[3])) == (correct, len(stems))
+    match = re.search(r"accuracy ([\d.]+)% \[([\d.]+), ([\d.]+)\] \(95% Wilson interval\) \((\d+)/(\d+) images",
+                      result.stdout)
+    assert match and (int(match[4]), int(match[5])) == (correct, len(stems))
     assert float(match[1]) == pytest.approx(100 * correct / len(stems), abs=0.006)
+    low, high = stats.wilson_interval(correct, len(stems))
+    assert (match[2], match[3]) == (f"{low:.1f}", f"{high:.1f}")
 
 
 def test_predict_ensemble_with_tta(ensemble_ckpt, demo_dir, tmp_path):
@@ -154,7 +158,7 @@ def test_unreadable_test_image(member_runs, demo_dir, tmp_path, monkeypatch, cap
     captured = capsys.readouterr()
     assert re.search(rf"warning: 1 unreadable .*: {re.escape(bad.name)}$", captured.err, re.MULTILINE)
     assert read_csv(out)["image_name"].tolist() == [s for s in demo_stems(demo_dir) if s != bad.stem]
-    assert re.search(r"accuracy [\d.]+% \(\d+/95 images", captured.out)
+    assert re.search(r"accuracy [\d.]+% \[[\d.]+, [\d.]+\] \(95% Wilson interval\) \(\d+/95 images", captured.out)
 
 
 def test_image_unreadable_after_the_scan_is_an_error(member_runs, demo_dir, tmp_path):

@@ -16,6 +16,7 @@ import demo_data
 import ensemble
 import models
 import report
+import stats
 import transforms
 import utils
 
@@ -78,6 +79,13 @@ def accuracy(logits, labels):
     return 100 * (logits.argmax(-1) == labels).double().mean().item()
 
 
+def with_interval(acc, images=160):
+    """How report.md writes an accuracy on the demo's 160 val images: from the count of right images, as
+    the scripts compute it (a recomputed mean can differ in the last bit, and so in the rounding of x.xx5)."""
+    correct = round(acc * images / 100)
+    return stats.accuracy_text(100 * correct / images, *stats.wilson_interval(correct, images))
+
+
 def test_tables_equal_histories_and_checkpoints(runs_dir, result, member_runs, demo_dir):
     runs = {run["name"]: run for run in result["runs"]}
     summary = {(row["run"], row["model"]): row["val_acc"] for row in result["summary"]}
@@ -96,7 +104,7 @@ def test_tables_equal_histories_and_checkpoints(runs_dir, result, member_runs, d
                        ("softmax average", accuracy(per_member.softmax(-1).mean(1), labels)),
                        ("trained head (3 epochs), in ensemble.pt", accuracy(model.head(logits), labels))):
         assert summary[("ensemble", f"ensemble: {key}")] == pytest.approx(value, abs=1e-6)
-        assert f"| ensemble: {key} | ensemble | complete |  | {value:.2f} |" in markdown
+        assert f"| ensemble: {key} | ensemble | complete |  | {with_interval(value)} |" in markdown
     assert [m["val_acc"] for m in ensemble["members"]] == pytest.approx(list(recomputed.values()), abs=1e-6)
 
     # members: the best val accuracy of history.csv, which their best.pt reproduces
@@ -106,7 +114,23 @@ def test_tables_equal_histories_and_checkpoints(runs_dir, result, member_runs, d
         assert (run["status"], run["epochs_done"], run["epochs"]) == ("complete", epochs, epochs)
         assert run["best_val_acc"] == summary[(name, name)] == history["val_acc"].max()
         assert run["best_val_acc"] == pytest.approx(recomputed[name], abs=1e-6)
-        assert f"| {name} | {name} | complete | {epochs}/{epochs} | {run['best_val_acc']:.2f} |" in markdown
+        assert f"| {name} | {name} | complete | {epochs}/{epochs} | {with_interval(run['best_val_acc'])} |" in markdown
+
+    # the paired comparison: the ensemble in ensemble.pt against its best member, image by image
+    with torch.no_grad():
+        ensemble_right = model.head(logits).argmax(1) == labels
+    member_right = per_member.argmax(-1) == labels[:, None]  # (N, M)
+    best = max(range(len(member_runs)), key=lambda i: member_right[:, i].sum().item())  # the first of the best
+    ensemble_only = int((ensemble_right & ~member_right[:, best]).sum())
+    member_only = int((member_right[:, best] & ~ensemble_right).sum())
+    p = stats.mcnemar(ensemble_right, member_right[:, best])
+    member = ensemble["members"][best]
+    assert member["model"] == list(member_runs)[best]
+    sentence = ("Paired on the same 160 val images: " + stats.paired_text(
+        "the ensemble (trained head)", f"its best member, {member['model']} ({with_interval(member['val_acc'])}),",
+        ensemble_only, member_only, p) + ".")
+    assert f"\n{sentence}\n" in markdown
+    assert sentence.endswith(": within noise.") == (p >= 0.05)
 
     # gradual unfreezing: one row per section of --unfreeze 1:layer4, maxima of history.csv
     history = pd.read_csv(member_runs["resnext_freeze"] / "history.csv")
@@ -118,7 +142,9 @@ def test_tables_equal_histories_and_checkpoints(runs_dir, result, member_runs, d
         part = history[history["epoch"].between(row["first"], row["last"])]
         assert (row["best_train_acc"], row["best_val_acc"]) == (part["train_acc"].max(), part["val_acc"].max())
         assert (f"| {row['epochs']} | {row['action']} | {row['best_train_acc']:.2f} | "
-                f"{row['best_val_acc']:.2f} |") in markdown
+                f"{with_interval(row['best_val_acc'])} |") in markdown
+        assert [row["best_val_acc_low"], row["best_val_acc_high"]] == list(
+            stats.accuracy_interval(row["best_val_acc"], 160))
     assert runs["resnext"]["unfreeze"] is None
 
     # the model analysed is the ensemble the submission uses, its accuracy recomputed; members above it are named
@@ -130,6 +156,7 @@ def test_tables_equal_histories_and_checkpoints(runs_dir, result, member_runs, d
     for caveat in best["caveats"]:
         assert f"- {caveat}" in markdown and "python predict.py --checkpoint " in caveat
     assert best["val_acc"] == pytest.approx(best["table_val_acc"], abs=1e-6)
+    assert f"Val accuracy {with_interval(best['val_acc'])} recomputed from the checkpoint" in markdown
     assert best["val_acc"] == pytest.approx(recomputed.get(best["run"], complete[best["run"]]), abs=1e-6)
     per_class = pd.read_csv(runs_dir / result["files"]["per_class"], keep_default_na=False)
     assert per_class["class"].astype(str).tolist() == [str(i) for i in range(demo_data.DEMO_CLASSES)]

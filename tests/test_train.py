@@ -10,11 +10,12 @@ from PIL import Image
 import checkpoints
 import demo_data
 import models
+import stats
 import transforms
 from conftest import TINY_TRAIN, run_script
 
-HISTORY_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds", "images_per_s",
-                   "trainable_params"]
+HISTORY_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_acc_low", "val_acc_high",
+                   "seconds", "images_per_s", "trainable_params"]
 TIMING_COLUMNS = ["seconds", "images_per_s"]
 
 
@@ -47,6 +48,12 @@ def test_run_writes_every_output(member_runs, demo_dir, name):
     assert best["epoch"] == ckpt["best_epoch"] == int(history["val_acc"].idxmax()) + 1
     config = json.loads((run / "config.json").read_text())
     assert config["model"] == name and config["num_classes"] == demo_data.DEMO_CLASSES
+    # each epoch's 95% Wilson interval of its count of right val images
+    val_images = config["val_images"]
+    for acc, low, high in history[["val_acc", "val_acc_low", "val_acc_high"]].values:
+        correct = round(acc * val_images / 100)
+        assert acc == pytest.approx(100 * correct / val_images, abs=1e-9) and low <= acc <= high and low < high
+        assert (low, high) == pytest.approx(stats.wilson_interval(correct, val_images), abs=1e-9)
     assert config["peak_lr"] == pytest.approx(1e-3)
     assert Image.open(run / "curves.png").size == (1100, 400)
 
@@ -71,10 +78,16 @@ def test_freeze_model_trains_the_scheduled_stages(member_runs):
 
 
 def test_loop_learns(tiny_data, tmp_path):
-    run_script("train.py", "--model", "resnext", "--data-dir", tiny_data, "--out-dir", tmp_path,
-               "--epochs", "12", "--lr", "0.05", *TINY_TRAIN)
-    losses = pd.read_csv(tmp_path / "history.csv")["train_loss"]
+    result = run_script("train.py", "--model", "resnext", "--data-dir", tiny_data, "--out-dir", tmp_path,
+                        "--epochs", "12", "--lr", "0.05", *TINY_TRAIN)
+    history = pd.read_csv(tmp_path / "history.csv")
+    losses = history["train_loss"]
     assert losses.iloc[-3:].mean() < 0.6 * losses.iloc[:3].mean()
+    # the epoch lines and the last line give the val accuracy with its interval
+    last, best = history.iloc[-1], history.loc[history["val_acc"].idxmax()]
+    assert f" val_acc {last['val_acc']:.2f} [{last['val_acc_low']:.1f}, {last['val_acc_high']:.1f}] " in result.stdout
+    assert (f"best val accuracy {best['val_acc']:.2f}% [{best['val_acc_low']:.1f}, {best['val_acc_high']:.1f}] "
+            f"(95% Wilson interval; epoch {int(best['epoch'])})") in result.stdout
 
 
 @pytest.mark.parametrize("name", models.MODEL_NAMES)
