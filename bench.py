@@ -1,11 +1,12 @@
 """Speed of the project's input pipeline and training loop against a re-implementation of the course
 report's, in one run, on the same files and the same model. Prints one JSON object per line; every
-field named *ratio* is project / report (or real / synthetic), so higher is better.
+field named *ratio* is project / report (or real / synthetic, or onnxruntime / torch), so higher is better.
 
     python bench.py data   # train pipeline images/s: per core (one process) and with N DataLoader workers
     python bench.py train  # training images/s: synthetic input (the compute ceiling) and real files
     python bench.py gpu    # ResNeXt101_32x8d on a CUDA GPU, real files, projected time of the whole report
     python bench.py predict   # test-set inference images/s: predict.py's path against a per-image loop
+    python bench.py predict --onnx   # ... and the same path with the model exported to ONNX (onnxruntime)
     python bench.py ensemble  # ensemble.py's time against the report's stacking (members forward every epoch)
     python bench.py accuracy  # held-out accuracy on real photos (Fashion-MNIST), several seeds: mean and spread
 
@@ -48,6 +49,7 @@ import ensemble
 import fashion_mnist
 import fused
 import models
+import onnx_runtime
 import predict
 import transforms
 from utils import HelpFormatter, UserError, run_main
@@ -590,31 +592,60 @@ def run_predict(args):
         paths, _, files = bench_files(args, tmp)
         paths = paths[:args.files]
 
-        def project_predict(images):  # as predict.py runs a checkpoint
+        def project_predict(images, model):  # as predict.py runs a checkpoint (or an ONNX model)
             dataset = data.ImageDataset(images, range(len(images)), transforms.eval_transform(args.img_size))
             return engine.predict_images(model, dataset, runtime, batch_size=batch_size, workers=workers, desc=None)
 
+        def timed(fn, *fn_args):
+            start = time.perf_counter()
+            return fn(*fn_args), time.perf_counter() - start
+
         model = models.build_model("resnext", args.arch, 100, weights="none").eval()
         # both warm: first-call allocations and oneDNN's kernels for each batch shape out of the timings
+        warmup = paths[:batch_size] * -(-batch_size // len(paths))
         report_predict(model, paths[:1], args.img_size)
-        project_predict(paths[:batch_size] * -(-batch_size // len(paths)))
-        start = time.perf_counter()
-        report = report_predict(model, paths, args.img_size)
-        report_s = time.perf_counter() - start
-        start = time.perf_counter()
-        project = project_predict(paths)
-        project_s = time.perf_counter() - start
+        project_predict(warmup, model)
+        report, report_s = timed(report_predict, model, paths, args.img_size)
+        project, project_s = timed(project_predict, paths, model)
         forward_batched = forward_rate(model, len(paths), batch_size, args.img_size, runtime)
-    emit({"bench": "predict", "arch": args.arch, "img_size": args.img_size, "precision": precision,
-          "batch_size": batch_size, "workers": workers, **files, "images": len(paths),
-          "report_images_per_s": round(len(paths) / report_s, 2),
-          "project_images_per_s": round(len(paths) / project_s, 2),
-          "same_argmax_fraction": round((report.argmax(1) == project.argmax(1)).float().mean().item(), 3),
-          "speed_ratio": round(report_s / project_s, 2),
-          # the model alone on in-memory batches, as predict runs it: what predict would reach if
-          # reading and decoding the files cost nothing; no input pipeline can beat this ratio
-          "forward_batched_images_per_s": round(forward_batched, 2),
-          "ceiling_ratio": round(forward_batched * report_s / len(paths), 2)})
+        row = {"bench": "predict", "arch": args.arch, "img_size": args.img_size, "precision": precision,
+               "batch_size": batch_size, "workers": workers, **files, "images": len(paths),
+               "report_images_per_s": round(len(paths) / report_s, 2),
+               "project_images_per_s": round(len(paths) / project_s, 2),
+               "same_argmax_fraction": round((report.argmax(1) == project.argmax(1)).float().mean().item(), 3),
+               "speed_ratio": round(report_s / project_s, 2),
+               # the model alone on in-memory batches, as predict runs it: what predict would reach if
+               # reading and decoding the files cost nothing; no input pipeline can beat this ratio
+               "forward_batched_images_per_s": round(forward_batched, 2),
+               "ceiling_ratio": round(forward_batched * report_s / len(paths), 2)}
+        if args.onnx:  # the same model exported as export.py does it, on the same path, files and batches
+            task = {"kind": "member", "class_names": [str(i) for i in range(100)], "img_size": args.img_size,
+                    "mean": transforms.IMAGENET_MEAN, "std": transforms.IMAGENET_STD}
+            graph = onnx_runtime.to_onnx(model, args.img_size, onnx_runtime.metadata_of(task, "bench", ""))
+            onnx_model = onnx_runtime.OnnxModel(graph)
+            project_predict(warmup, onnx_model)
+            # torch and onnxruntime take turns, chunk by chunk, so that a change of load on a shared machine
+            # falls on both; the model alone likewise, on as many in-memory images per turn
+            chunk, chunks = 4 * batch_size, range(0, len(paths), 4 * batch_size)
+            seconds, forward_seconds = {"torch": 0.0, "onnx": 0.0}, {"torch": 0.0, "onnx": 0.0}
+            logits = {"torch": [], "onnx": []}
+            for start in chunks:
+                for name, run_model in (("torch", model), ("onnx", onnx_model)):
+                    part_logits, part_s = timed(project_predict, paths[start:start + chunk], run_model)
+                    logits[name].append(part_logits)
+                    seconds[name] += part_s
+                    forward_seconds[name] += chunk / forward_rate(run_model, chunk, batch_size, args.img_size, runtime)
+            images_per_s = {name: len(paths) / value for name, value in seconds.items()}
+            forward_per_s = {name: chunk * len(chunks) / value for name, value in forward_seconds.items()}
+            difference = (torch.cat(logits["onnx"]) - torch.cat(logits["torch"])).abs().max().item()
+            row.update({"onnx_torch_images_per_s": round(images_per_s["torch"], 2),
+                        "onnx_images_per_s": round(images_per_s["onnx"], 2),
+                        "onnx_over_torch_ratio": round(images_per_s["onnx"] / images_per_s["torch"], 2),
+                        "onnx_forward_torch_images_per_s": round(forward_per_s["torch"], 2),
+                        "onnx_forward_images_per_s": round(forward_per_s["onnx"], 2),
+                        "onnx_forward_over_torch_ratio": round(forward_per_s["onnx"] / forward_per_s["torch"], 2),
+                        "onnx_max_abs_logit_diff": float(f"{difference:.2e}")})
+    emit(row)
 
 
 def forward_rate(model, images, batch_size, img_size, runtime):
@@ -843,6 +874,8 @@ def get_args_parser():
     p.add_argument("--img-size", type=int, default=224, help="eval image size")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                    help="the precision of predict.py's path (its flag); the per-image loop stays fp32")
+    p.add_argument("--onnx", action="store_true", help="also run predict.py's path with the model exported to ONNX "
+                   "(onnxruntime, fp32, CPU): images/s against torch's, same files and batches")
 
     p = sub.add_parser("ensemble", formatter_class=fmt, help="ensemble.py's time against the report's stacking",
                        description="seconds of ensemble.main (--epochs, and 1 epoch; empty logits cache) and of "

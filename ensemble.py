@@ -77,14 +77,6 @@ def check_args(args):
 # ----------------------------------------------------------------------------
 # members and fingerprints
 
-def file_sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def check_members_exist(paths, defaults):
     for path in paths:
         if not path.is_file():
@@ -96,7 +88,7 @@ def check_members_exist(paths, defaults):
 def load_members(paths):
     """Each member's entry (checkpoints.ensemble_member: spec, inference weights, source path and content
     hash); they must agree on the task."""
-    members = [checkpoints.ensemble_member(checkpoints.load(path, kind="member"), path, file_sha256(path))
+    members = [checkpoints.ensemble_member(checkpoints.load(path, kind="member"), path, utils.file_sha256(path))
                for path in paths]
     first = members[0]
     for member in members[1:]:

@@ -2,6 +2,9 @@
 
     python predict.py [--checkpoint runs/ensemble/ensemble.pt] [--data-dir data] [--tta hflip]
 
+--checkpoint may also be an ONNX model from export.py (MODEL.onnx), run with onnxruntime: its metadata gives
+the class names, image size and normalisation, and the same preprocessing, TTA views and files follow.
+
 Writes --out (prediction.csv: header image_name,pred_label, one row per image of the test folder sorted by
 name; image_name is the file name without its extension, pred_label the class folder name) and --zip
 (submission.zip, holding prediction.csv at its root). Beside --out it also writes, when asked:
@@ -19,6 +22,7 @@ import pandas as pd
 import checkpoints
 import data
 import engine
+import onnx_runtime
 import stats
 import transforms
 import utils
@@ -31,7 +35,8 @@ def get_args_parser():
     fmt = utils.HelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=fmt)
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
-                        help="ensemble.pt from ensemble.py, or a member's best.pt / last.pt from train.py")
+                        help="ensemble.pt from ensemble.py, a member's best.pt / last.pt from train.py, or an "
+                        "ONNX model from export.py (.onnx, run with onnxruntime)")
     parser.add_argument("--data-dir", type=Path, default=Path("data"), help="data folder; its test/ is predicted")
     parser.add_argument("--test-dir", type=Path, help="flat folder of test images, instead of DATA_DIR/test")
     parser.add_argument("--out", type=Path, default=Path("prediction.csv"), help="the CSV to write")
@@ -124,14 +129,20 @@ def main(argv=None):
     args.zip = args.zip or args.out.with_name("submission.zip")
     utils.check_writable(args.out.parent, "--out")
     utils.check_writable(args.zip.parent, "--zip")
-    runtime = engine.resolve_runtime(args.device, args.precision, args.channels_last)
+    is_onnx = onnx_runtime.is_onnx(args.checkpoint)
+    if is_onnx and args.precision not in ("auto", "fp32"):
+        raise UserError(f"--precision {args.precision} does not apply to an ONNX model, which runs in the fp32 it "
+                        "was exported in; leave --precision out")
+    runtime = engine.resolve_runtime(args.device, "fp32" if is_onnx else args.precision, args.channels_last)
     batch_size = engine.resolve_batch_size(args.batch_size, runtime.device)
 
     # ------------------------------------------------ checkpoint and test images
     if args.checkpoint == DEFAULT_CHECKPOINT and not args.checkpoint.is_file():
         raise UserError(f"--checkpoint {args.checkpoint} does not exist; run ensemble.py first, or pass a "
                         "member's checkpoint, e.g. --checkpoint runs/resnext/best.pt")
-    ckpt = checkpoints.load(args.checkpoint)
+    # an ONNX model's session is opened here, as a checkpoint is read: its task is in its metadata
+    onnx_model = onnx_runtime.OnnxModel(args.checkpoint, runtime.device) if is_onnx else None
+    ckpt = onnx_model.metadata if is_onnx else checkpoints.load(args.checkpoint)
     class_names = ckpt["class_names"]
     if not 0 <= args.topk <= len(class_names):
         raise UserError(f"--topk {args.topk} must be between 0 and the {len(class_names)} classes")
@@ -145,10 +156,13 @@ def main(argv=None):
     truth = read_labels(args.labels, stems, class_names) if args.labels else None
 
     # --------------------------------------------------------------- inference
-    model = checkpoints.model_from_checkpoint(ckpt)  # built once every input is known to be fine
+    # a torch model is built once every input is known to be fine
+    model = onnx_model if is_onnx else checkpoints.model_from_checkpoint(ckpt)
     workers = data.loader_workers(args.workers, runtime.device)
-    print(f"{ckpt['kind']} checkpoint {args.checkpoint} ({len(class_names)} classes, {ckpt['img_size']} px) on "
-          f"{runtime.device} [{runtime.precision}]; {len(paths)} test images from {test_dir}; TTA {args.tta}")
+    engine_name = f"onnxruntime {onnx_model.provider}" if is_onnx else runtime.precision
+    print(f"{ckpt['kind']} {'ONNX model' if is_onnx else 'checkpoint'} {args.checkpoint} ({len(class_names)} "
+          f"classes, {ckpt['img_size']} px) on {runtime.device} [{engine_name}]; {len(paths)} test images from "
+          f"{test_dir}; TTA {args.tta}")
     # the labels are the indices, so that engine.predict_images can check each image is the one asked for
     dataset = data.ImageDataset(paths, range(len(paths)),
                                 transforms.eval_transform(ckpt["img_size"], mean=ckpt["mean"], std=ckpt["std"]))

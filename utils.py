@@ -1,5 +1,6 @@
 """Shared helpers for the scripts: errors, durable writes, random state, distributed, signals, curves."""
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -207,6 +208,14 @@ def atomic_link(src, dst):
     except OSError as error:
         tmp.unlink(missing_ok=True)
         raise write_error(dst, error) from error
+
+
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def check_writable(out_dir, flag="--out-dir"):

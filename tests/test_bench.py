@@ -16,13 +16,17 @@ def ratios(row):
 
 
 def test_predict_prints_rates_and_their_ratio():
-    rows = json_rows("predict", "--images", "4", "--arch", "resnet10t", "--img-size", "32")
+    rows = json_rows("predict", "--images", "4", "--arch", "resnet10t", "--img-size", "32", "--onnx")
     assert [row["bench"] for row in rows] == ["env", "predict"]
     row = rows[-1]
     assert row["images"] == 4 and row["report_images_per_s"] > 0 and row["project_images_per_s"] > 0
     # the two paths compute the same predictions (up to rare near-ties of the random-weight logits)
     assert row["same_argmax_fraction"] >= 0.75 and row["forward_batched_images_per_s"] > 0
-    assert set(ratios(row)) == {"speed_ratio", "ceiling_ratio"} and min(ratios(row).values()) > 0
+    # --onnx: the exported model on predict's path, taking turns with torch, gives torch's logits
+    assert min(row[f"onnx_{key}images_per_s"] for key in ("", "torch_", "forward_", "forward_torch_")) > 0
+    assert 0 <= row["onnx_max_abs_logit_diff"] < 1e-4
+    assert set(ratios(row)) == {"speed_ratio", "ceiling_ratio", "onnx_over_torch_ratio",
+                                "onnx_forward_over_torch_ratio"} and min(ratios(row).values()) > 0
 
 
 def test_ensemble_prints_times_and_their_ratios():

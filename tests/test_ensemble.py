@@ -29,7 +29,7 @@ def run_ensemble(members, data_dir, out_dir, *flags):
 def ensembled(member_runs, demo_dir, tmp_path_factory):
     """The three demo members ensembled with the defaults: (out_dir, metrics, member file hashes before)."""
     members = member_paths(member_runs)
-    hashes = [ensemble.file_sha256(p) for p in members]
+    hashes = [utils.file_sha256(p) for p in members]
     out_dir = tmp_path_factory.mktemp("ensemble")
     return out_dir, run_ensemble(members, demo_dir, out_dir), hashes
 
@@ -103,7 +103,7 @@ def test_accuracies_have_intervals_and_the_ensemble_a_paired_test(ensembled):
 
 def test_members_stay_bit_identical(ensembled, member_runs):
     out_dir, _, hashes_before = ensembled
-    assert [ensemble.file_sha256(p) for p in member_paths(member_runs)] == hashes_before
+    assert [utils.file_sha256(p) for p in member_paths(member_runs)] == hashes_before
     ckpt = checkpoints.load(out_dir / "ensemble.pt", kind="ensemble")
     for member, path in zip(ckpt["members"], member_paths(member_runs)):
         expected = checkpoints.inference_state_dict(checkpoints.load(path, kind="member"))
