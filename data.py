@@ -282,8 +282,8 @@ def main(argv=None):
     demo.add_argument("out", type=Path, help="output folder (gets train/, val/, test/, test_labels.csv)")
     demo.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same files")
     demo.add_argument("--train-per-class", type=int, default=40, help="train images per class")
-    demo.add_argument("--val-per-class", type=int, default=10, help="val images per class")
-    demo.add_argument("--test-per-class", type=int, default=6, help="test images per class")
+    demo.add_argument("--val-per-class", type=int, default=20, help="val images per class")
+    demo.add_argument("--test-per-class", type=int, default=20, help="test images per class")
     scan = sub.add_parser("scan", help="check every image of a data folder and list the unreadable ones",
                           formatter_class=HelpFormatter)
     scan.add_argument("data_dir", type=Path, help="data folder with train/, val/ and test/")

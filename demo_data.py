@@ -1,38 +1,40 @@
-"""The built-in demo dataset: coloured shapes on noisy backgrounds, learnable in a few CPU epochs
+"""The built-in demo dataset: coloured patterns on noisy backgrounds, learnable in a few CPU epochs
 (`python data.py make-demo DIR`)."""
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from utils import atomic_write_text
 
 DEMO_CLASSES = 16  # more than 10, so numeric and lexicographic class orders differ
-DEMO_SHAPES = ("ellipse", "rectangle", "triangle", "cross")
+# a class is a colour (4 hues, dark for classes 0-7, bright for 8-15) and a pattern over the whole image, so that
+# any crop of the report's augmentation still shows it
+DEMO_PATTERNS = ("stripes", "checker", "dots", "grid")
 DEMO_FORMATS = ((".jpg", "JPEG"), (".png", "PNG"), (".JPEG", "JPEG"), (".webp", "WEBP"), (".bmp", "BMP"))
 
 
 def demo_image(label, rng):
-    size = int(rng.integers(48, 160)), int(rng.integers(48, 160))
+    """Class `label`'s pattern in its colour over a random background, at a random size, period and angle."""
+    w, h = int(rng.integers(48, 160)), int(rng.integers(48, 160))
     background = rng.integers(0, 256, 3)
-    noise = rng.normal(0, 25, (size[1], size[0], 3))
-    img = Image.fromarray(np.clip(background + noise, 0, 255).astype(np.uint8))
     hue = (label % 4) / 4 + rng.uniform(-0.04, 0.04)
-    colour = tuple(int(255 * c) for c in _hsv_to_rgb(hue % 1, 0.9, 0.4 + 0.5 * (label // 8)))
-    shape = DEMO_SHAPES[(label // 4) % 4]
-    w, h = size
-    cx, cy, r = rng.uniform(0.35, 0.65) * w, rng.uniform(0.35, 0.65) * h, rng.uniform(0.25, 0.4) * min(w, h)
-    draw = ImageDraw.Draw(img)
-    if shape == "ellipse":
-        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=colour)
-    elif shape == "rectangle":
-        draw.rectangle((cx - r, cy - r * 0.7, cx + r, cy + r * 0.7), fill=colour)
-    elif shape == "triangle":
-        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=colour)
+    colour = 255 * np.array(_hsv_to_rgb(hue % 1, 0.9, 0.4 + 0.5 * (label // 8)))
+    period = rng.uniform(0.15, 0.3) * min(w, h)
+    angle = rng.uniform(0, np.pi)
+    y, x = np.mgrid[0:h, 0:w] + rng.uniform(0, period, (2, 1, 1))
+    u, v = x * np.cos(angle) + y * np.sin(angle), y * np.cos(angle) - x * np.sin(angle)  # rotated coordinates
+    pattern = DEMO_PATTERNS[(label // 4) % 4]
+    if pattern == "stripes":
+        mask = u % period < period / 2
+    elif pattern == "checker":
+        mask = (u // period + v // period) % 2 == 0
+    elif pattern == "dots":
+        mask = (u % period - period / 2) ** 2 + (v % period - period / 2) ** 2 < (period / 3) ** 2
     else:
-        draw.rectangle((cx - r, cy - r / 3, cx + r, cy + r / 3), fill=colour)
-        draw.rectangle((cx - r / 3, cy - r, cx + r / 3, cy + r), fill=colour)
-    return img
+        mask = (u % period < period / 5) | (v % period < period / 5)
+    pixels = np.where(mask[..., None], colour, background) + rng.normal(0, 25, (h, w, 3))
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
 def _hsv_to_rgb(h, s, v):
@@ -42,7 +44,7 @@ def _hsv_to_rgb(h, s, v):
     return [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)][i]
 
 
-def make_demo(out_dir, seed=0, train_per_class=40, val_per_class=10, test_per_class=6):
+def make_demo(out_dir, seed=0, train_per_class=40, val_per_class=20, test_per_class=20):
     """Write the demo dataset (and test_labels.csv beside test/, to score predictions)."""
     out_dir = Path(out_dir)
     rng = np.random.default_rng(seed)

@@ -11,6 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import demo_data  # noqa: E402
+import models  # noqa: E402
 
 TINY_VIT = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
                 image_size=32, patch_size=16)
@@ -18,17 +19,17 @@ TINY_VIT = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, inte
 
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory):
-    """The demo dataset, built once per test session; treat it as read-only."""
-    return demo_data.make_demo(tmp_path_factory.mktemp("demo") / "data", seed=0)
+    """The demo dataset with fewer val and test images than demo.py's (160 and 96, for speed), built once
+    per test session; treat it as read-only."""
+    return demo_data.make_demo(tmp_path_factory.mktemp("demo") / "data", seed=0, val_per_class=10,
+                               test_per_class=6)
 
 
 @pytest.fixture(scope="session")
 def tiny_vit_dir(tmp_path_factory):
-    """A tiny ViT saved with save_pretrained, standing in for an HF id offline."""
-    from transformers import ViTConfig, ViTModel
-    path = tmp_path_factory.mktemp("vit") / "tiny-vit"
-    ViTModel(ViTConfig(**TINY_VIT), add_pooling_layer=False).save_pretrained(path)
-    return path
+    """A tiny ViT saved with save_pretrained (seeded), standing in for an HF id offline."""
+    # seeded: the same weights in every test session, so the member trainings give the same figures
+    return models.save_random_vit(tmp_path_factory.mktemp("vit") / "tiny-vit", TINY_VIT)
 
 
 def run_script(*args, check=True, env=None, timeout=600):
