@@ -8,6 +8,7 @@ The pipelines that turn images into tensors are in transforms.py (and fused.py),
 cache in cache.py.
 """
 import argparse
+import hashlib
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -115,6 +116,26 @@ def load_split(data_dir, split, class_names=None, strict=False):
     if not good:
         raise UserError(f"folder {Path(data_dir) / split} holds no readable images")
     return good, labels, class_names
+
+
+def fold_split(names, labels, folds, fold, seed):
+    """Stratified K-fold split of a pool of images: each class's images are shuffled by `seed` and dealt
+    round-robin into `folds` folds (each class starting where the previous one ended, so fold sizes differ
+    by at most one). Returns (train indices, held-out indices of fold `fold`, 0-based), the same for the
+    same pool and seed, and the SHA-256 of the held-out images' names (e.g. paths relative to the data
+    folder), sorted, that a resumed run checks."""
+    rng = np.random.default_rng(seed)
+    assignment = np.empty(len(labels), dtype=np.int64)
+    labels = np.asarray(labels)
+    start = 0
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        assignment[members] = (start + np.arange(len(members))) % folds
+        start = (start + len(members)) % folds
+    held_out = np.flatnonzero(assignment == fold)
+    train = np.flatnonzero(assignment != fold)
+    digest = hashlib.sha256("\n".join(sorted(names[i] for i in held_out)).encode()).hexdigest()
+    return train.tolist(), held_out.tolist(), digest
 
 
 def load_test(test_dir, strict=True, skip_hint="pass --skip-bad to predict nothing for them"):

@@ -88,8 +88,13 @@ def check_members_exist(paths, defaults):
 def load_members(paths):
     """Each member's entry (checkpoints.ensemble_member: spec, inference weights, source path and content
     hash); they must agree on the task."""
-    members = [checkpoints.ensemble_member(checkpoints.load(path, kind="member"), path, utils.file_sha256(path))
-               for path in paths]
+    ckpts = [checkpoints.load(path, kind="member") for path in paths]
+    for path, ckpt in zip(paths, ckpts):
+        if ckpt.get("folds"):  # its model trained on most of val/: the head would learn from seen images
+            raise UserError(f"member {path} is a --folds run (fold {ckpt['folds']['fold']} of "
+                            f"{ckpt['folds']['folds']}), trained on part of val/; stack members trained on "
+                            "train/ alone (without --folds)")
+    members = [checkpoints.ensemble_member(ckpt, path, utils.file_sha256(path)) for path, ckpt in zip(paths, ckpts)]
     first = members[0]
     for member in members[1:]:
         if member["sha256"] == first["sha256"]:

@@ -86,6 +86,12 @@ def get_args_parser():
     parser.add_argument("--ema", action="store_true", help="keep an EMA of the weights, evaluated and saved too")
     parser.add_argument("--ema-decay", type=float, default=0.9998, help="EMA decay per step")
     parser.add_argument("--seed", type=int, default=0, help="random seed (data order, augmentation, init)")
+    parser.add_argument("--folds", type=int, default=0, help="K-fold cross-validation: pool train/ and val/, split "
+                        "them into K stratified folds, train on K-1 and validate on --fold (0: off, the "
+                        "train/val folders as they are)")
+    parser.add_argument("--fold", type=int, default=0, help="with --folds K: the held-out fold, 0 to K-1")
+    parser.add_argument("--fold-seed", type=int, default=0, help="with --folds: the seed of the split (the same "
+                        "for every member and fold of one cross-validation)")
     parser.add_argument("--workers", type=int, default=-1, help="DataLoader workers per process (-1: 0 on "
                         "the CPU, else one per core of this process's share)")
     engine.add_runtime_args(parser)
@@ -228,7 +234,7 @@ def forward_model(model, args, world_size, local_rank, device):
     return torch.compile(model) if args.compile else model
 
 
-def save_last(out_dir, spec, training, state, args, is_main, writer=None):
+def save_last(out_dir, spec, training, state, args, is_main, writer=None, folds=None):
     """Write out_dir/last.pt (rank 0; every rank calls this, for the RNG gather). Returns its path. The
     TensorBoard writer is flushed first, so that the event files always reach as far as last.pt."""
     rng = utils.gather_rng()
@@ -239,9 +245,26 @@ def save_last(out_dir, spec, training, state, args, is_main, writer=None):
     ema = training.ema.module.state_dict() if training.ema is not None else None
     ckpt = checkpoints.member_checkpoint(spec, state_dict=training.model.state_dict(), ema_state_dict=ema,
                                          state=state, optimizer=training.optimizer.state_dict(),
-                                         scaler=training.scaler.state_dict(), rng=rng, args=vars(args))
+                                         scaler=training.scaler.state_dict(), rng=rng, args=vars(args),
+                                         folds=folds)
     checkpoints.save(ckpt, out_dir / "last.pt")
     return out_dir / "last.pt"
+
+
+def split_folds(args, paths, labels, ckpt):
+    """--folds: the pooled images split into this run's train and held-out fold (data.fold_split), and the
+    fold's record for the checkpoint; a resumed run must find the same held-out images."""
+    if args.folds < 2 or not 0 <= args.fold < args.folds:
+        raise UserError(f"--folds {args.folds} --fold {args.fold}: need --folds of at least 2 and --fold from 0 "
+                        "to --folds minus 1")
+    names = [Path(p).relative_to(args.data_dir).as_posix() for p in paths]
+    train, held_out, digest = data.fold_split(names, labels, args.folds, args.fold, args.fold_seed)
+    if ckpt is not None and (ckpt.get("folds") or {}).get("held_out_sha256") != digest:
+        raise UserError(f"--resume {args.resume}: the held-out fold of {args.data_dir} is not the one this run "
+                        "validated on (images were added, removed or became unreadable); resume on the same data")
+    record = {"folds": args.folds, "fold": args.fold, "fold_seed": args.fold_seed, "held_out_sha256": digest}
+    return ([paths[i] for i in train], [labels[i] for i in train], [paths[i] for i in held_out],
+            [labels[i] for i in held_out], record)
 
 
 def first_batch_images(train_set, sampler, prepare_images, count=16):
@@ -313,6 +336,12 @@ def main(argv=None):
     # -------------------------------------------------------------------- data
     train_paths, train_labels, class_names = data.load_split(args.data_dir, "train", strict=args.strict)
     val_paths, val_labels, _ = data.load_split(args.data_dir, "val", class_names, strict=args.strict)
+    folds = None
+    if args.folds or args.fold:
+        train_paths, train_labels, val_paths, val_labels, folds = split_folds(
+            args, train_paths + val_paths, train_labels + val_labels, ckpt)
+        log(f"fold {args.fold} of {args.folds} (--fold-seed {args.fold_seed}): {len(train_paths)} train / "
+            f"{len(val_paths)} held-out images of the pooled train/ and val/")
     if ckpt is not None and ckpt["class_names"] != class_names:
         raise UserError(f"--resume {args.resume} was trained on other classes than {args.data_dir}/train "
                         f"({len(ckpt['class_names'])} vs {len(class_names)} classes, or another order)")
@@ -412,7 +441,7 @@ def main(argv=None):
                 lr_at=functools.partial(lr_at, args, sections, steps_per_epoch, epoch), start_step=state.step,
                 epoch_sums=state.epoch_sums, log_every=args.log_every, save_every=args.save_every, stop=stop,
                 save_partial=lambda step, sums: save_last(out_dir, spec, training, dataclasses.replace(
-                    state, step=step, epoch_sums=sums), args, is_main, writer),
+                    state, step=step, epoch_sums=sums), args, is_main, writer, folds),
                 on_log=None if writer is None else lambda step, figures: tensorboard_log.log_step(
                     writer, (epoch - 1) * steps_per_epoch + step, figures),
                 progress=is_main, desc=f"epoch {epoch}/{args.epochs}")
@@ -447,7 +476,7 @@ def main(argv=None):
         if improved:
             state.best_acc, state.best_epoch = epoch_acc, epoch
         state.epoch, state.step, state.epoch_sums, state.use_ema = epoch, 0, None, use_ema
-        path = save_last(out_dir, spec, training, state, args, is_main, writer)
+        path = save_last(out_dir, spec, training, state, args, is_main, writer, folds)
         if writer is not None:  # after last.pt: a resumed run never logs this epoch again
             tensorboard_log.log_epoch(writer, row)
         if is_main:
