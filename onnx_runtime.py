@@ -78,8 +78,9 @@ def parse_metadata(props, name):
     metadata = {key: props[key] if key in ("format", "kind", "checkpoint", "checkpoint_sha256")
                 else json.loads(props[key]) for key in METADATA_KEYS}
     report_pipeline = {"eval_size": metadata["img_size"], "interpolation": "bilinear", "crop_pct": None}
-    return {**metadata, **{key: json.loads(props[key]) if key in props else report_pipeline[key]
-                           for key in PIPELINE_KEYS}}
+    pipeline = {key: (props[key] if key == "interpolation" else json.loads(props[key])) if key in props
+                else report_pipeline[key] for key in PIPELINE_KEYS}
+    return {**metadata, **pipeline}
 
 
 def providers_for(device):

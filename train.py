@@ -9,6 +9,7 @@ iteration, 50 epochs at 224 px. --lr and --min-lr are per 32 images: they are sc
 event files (`tensorboard --logdir runs`).
 
     python train.py --model resnext --find-lr    (LR range test: lr_find.csv, lr_find.png, a suggested --lr)
+    python train.py --model resnext --recipe strong   (a modern fine-tuning recipe: README, "The strong recipe")
 """
 import argparse
 import dataclasses
@@ -200,7 +201,8 @@ def resolve_preprocessing(args, given):
     for key, value in pipeline.items():
         if key not in given:
             setattr(args, key, value)
-    args.eval_size = args.eval_size or args.img_size
+    if args.eval_size is None:
+        args.eval_size = args.img_size
     for flag, value in (("--img-size", args.img_size), ("--eval-size", args.eval_size)):
         if value < 1:
             raise UserError(f"{flag} {value} must be at least 1")

@@ -15,6 +15,7 @@ import data
 import demo_data
 import engine
 import ensemble
+import export
 import models
 import onnx_runtime
 import predict
@@ -95,6 +96,15 @@ def test_predict_uses_the_stored_pipeline(strong_run, tiny_dir, tmp_path):
         expected = checkpoints.model_from_checkpoint(ckpt)(torch.stack([resize(data.load_rgb(p, 40)) for p in paths]))
     torch.testing.assert_close(torch.load(tmp_path / "logits.pt", weights_only=True)["logits"], expected, rtol=0,
                                atol=1e-4)
+
+
+def test_onnx_export_carries_the_pipeline(strong_run, tiny_dir, tmp_path):
+    export.main([str(strong_run / "best.pt"), "--out", str(tmp_path / "m.onnx")])
+    assert onnx_runtime.OnnxModel(tmp_path / "m.onnx").metadata["crop_pct"] == 0.9
+    for name, model in (("pt", strong_run / "best.pt"), ("onnx", tmp_path / "m.onnx")):
+        run_predict(["--checkpoint", model, "--data-dir", tiny_dir, "--out", tmp_path / name / "pred.csv",
+                     "--workers", "0"])
+    assert (tmp_path / "onnx" / "pred.csv").read_text() == (tmp_path / "pt" / "pred.csv").read_text()
 
 
 def test_mixed_targets_sum_to_one_and_the_loss_is_timms():
@@ -233,6 +243,9 @@ def test_format_2_files_keep_the_report_pipeline(tmp_path, tiny_dir):
              "mean": "[0.5, 0.5, 0.5]", "std": "[0.25, 0.25, 0.25]", "checkpoint": "m.pt", "checkpoint_sha256": ""}
     metadata = onnx_runtime.parse_metadata(props, "old.onnx")
     assert (metadata["eval_size"], metadata["interpolation"], metadata["crop_pct"]) == (32, "bilinear", None)
+    props.update(eval_size="40", interpolation="bicubic", crop_pct="0.9")  # as export.py writes them now
+    metadata = onnx_runtime.parse_metadata(props, "new.onnx")
+    assert (metadata["eval_size"], metadata["interpolation"], metadata["crop_pct"]) == (40, "bicubic", 0.9)
 
 
 def test_ensemble_refuses_members_with_other_eval_sizes(tmp_path):
