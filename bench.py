@@ -620,7 +620,8 @@ def run_predict(args):
                "ceiling_ratio": round(forward_batched * report_s / len(paths), 2)}
         if args.onnx:  # the same model exported as export.py does it, on the same path, files and batches
             task = {"kind": "member", "class_names": [str(i) for i in range(100)], "img_size": args.img_size,
-                    "mean": transforms.IMAGENET_MEAN, "std": transforms.IMAGENET_STD}
+                    "mean": transforms.IMAGENET_MEAN, "std": transforms.IMAGENET_STD, "eval_size": args.img_size,
+                    "interpolation": "bilinear", "crop_pct": None}
             graph = onnx_runtime.to_onnx(model, args.img_size, onnx_runtime.metadata_of(task, "bench", ""))
             onnx_model = onnx_runtime.OnnxModel(graph)
             project_predict(warmup, onnx_model)
@@ -793,7 +794,34 @@ def suite_members(args, data_dir, work, seed):
     return row
 
 
-ACCURACY_SUITES = {"members": suite_members}
+# the strong recipe's training parts from scratch (no layer decay: it is for fine-tuning; the report's eval
+# pipeline, so that only training differs), AdamW at an LR for training from scratch; after --member-flags
+RECIPE_STRONG_FLAGS = ["--recipe", "strong", "--preprocessing", "report", "--layer-decay", "1", "--lr", "1e-3"]
+EVAL_SCALE = 1.25  # the recipe suite's eval-above-train-size rows: eval size = round(1.25 x train size)
+
+
+def with_eval_size(checkpoint, eval_size, out):
+    """A copy of a member checkpoint whose stored eval size is eval_size (its weights unchanged)."""
+    ckpt = checkpoints.load(checkpoint, kind="member")
+    checkpoints.save(dict(ckpt, eval_size=eval_size), out)
+    return out
+
+
+def suite_recipe(args, data_dir, work, seed):
+    """The report's recipe against the strong recipe's training parts (same arch, size and epochs): val and
+    test accuracy of each, and the test accuracy of each evaluated at EVAL_SCALE x its train size (FixRes)."""
+    row = {}
+    for name, flags in {"report": [], "strong": RECIPE_STRONG_FLAGS}.items():
+        best = train_member(work / name, "resnext", data_dir, seed, [*args.member_flags, *flags])
+        row[f"{name}_val"] = val_accuracy(best)
+        row[f"{name}_test"] = test_accuracy(best, data_dir, work / name / "test.csv")
+        size = round(EVAL_SCALE * checkpoints.load(best)["img_size"])
+        larger = with_eval_size(best, size, work / name / f"eval{size}.pt")
+        row[f"{name}_eval{size}_test"] = test_accuracy(larger, data_dir, work / name / f"test_eval{size}.csv")
+    return row
+
+
+ACCURACY_SUITES = {"members": suite_members, "recipe": suite_recipe}
 
 
 def summarize(rows):
@@ -896,7 +924,9 @@ def get_args_parser():
                        "layout (train/val from its train split, test from its test split), trained from scratch "
                        "with the project's scripts, over --seeds: each seed's figures, then mean and spread")
     p.add_argument("--suite", default="members", choices=sorted(ACCURACY_SUITES),
-                   help="members: the three members and their stacked ensemble")
+                   help="members: the three members and their stacked ensemble; recipe: the report's recipe "
+                   "against the strong recipe's training parts (resnext, from scratch), each also evaluated at "
+                   f"{EVAL_SCALE}x its train size")
     p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2],
                    help="comma-separated training seeds")
     p.add_argument("--work-dir", type=Path, default=Path("runs/bench-accuracy"), help="data and runs (an "

@@ -9,7 +9,7 @@ torch.load(weights_only=True), so that loading one never runs code. Its "kind" i
             weights, the stacking head.
 - logits:   ensemble.py's cache of the members' logits.
 
-Files of the previous format (imgcls-checkpoint-1) are upgraded when loaded (see upgrade).
+Files of the previous formats (imgcls-checkpoint-1 and -2) are upgraded when loaded (see upgrade).
 """
 import pickle
 import re
@@ -22,10 +22,17 @@ import models
 import utils
 from utils import UserError
 
-FORMAT = "imgcls-checkpoint-2"
-READABLE_FORMATS = ("imgcls-checkpoint-1", FORMAT)
-SPEC_KEYS = ("model", "arch", "class_names", "img_size", "mean", "std", "vit_config")  # rebuild a member
-TASK_KEYS = ("class_names", "img_size", "mean", "std")  # what members of one ensemble must share
+FORMAT = "imgcls-checkpoint-3"
+READABLE_FORMATS = ("imgcls-checkpoint-1", "imgcls-checkpoint-2", FORMAT)
+# the eval pipeline (transforms.eval_transform_of): eval_size, interpolation and crop_pct (timm's meaning; None:
+# the report's Resize((eval_size, eval_size)) without a crop), mean and std
+PREPROCESSING_KEYS = ("eval_size", "interpolation", "crop_pct", "mean", "std")
+SPEC_KEYS = ("model", "arch", "class_names", "img_size", "mean", "std", "vit_config", "eval_size", "interpolation",
+             "crop_pct")  # rebuild a member and its input pipeline
+TASK_KEYS = ("class_names", "img_size", "mean", "std", "eval_size", "interpolation",
+             "crop_pct")  # what members of one ensemble must share
+# what a format-2 file's eval pipeline was: the report's resize to img_size x img_size
+REPORT_EVAL = {"interpolation": "bilinear", "crop_pct": None}
 
 
 @dataclass
@@ -69,20 +76,26 @@ def load(path, kind=None):
 
 
 def upgrade(ckpt):
-    """A checkpoint of format 1 in FORMAT's key names: `weights` ("raw"/"ema", member and ensemble
-    members) became `use_ema`, `partial` became `epoch_sums`; a member had no `folds`; an ensemble's
-    `combiner` was always the head."""
+    """A checkpoint of an older format in FORMAT's keys. Format 1: `weights` ("raw"/"ema", member and
+    ensemble members) became `use_ema`, `partial` became `epoch_sums`; a member had no `folds`; an ensemble's
+    `combiner` was always the head. Formats 1 and 2: the eval pipeline was the report's (eval_size = img_size,
+    bilinear, no crop; REPORT_EVAL), for a member, an ensemble and each of its members."""
     if ckpt["format"] == FORMAT:
         return ckpt
-    for entry in [ckpt, *(ckpt["members"] if ckpt["kind"] == "ensemble" else [])]:
-        if "weights" in entry:
-            entry["use_ema"] = entry.pop("weights") == "ema"
-    if "partial" in ckpt:
-        ckpt["epoch_sums"] = ckpt.pop("partial")
-    if ckpt["kind"] == "member":
-        ckpt["folds"] = None  # format 1 had no --folds
-    if ckpt["kind"] == "ensemble":
-        ckpt["combiner"] = "head"
+    entries = [ckpt, *(ckpt["members"] if ckpt["kind"] == "ensemble" else [])]
+    if ckpt["format"] == "imgcls-checkpoint-1":
+        for entry in entries:
+            if "weights" in entry:
+                entry["use_ema"] = entry.pop("weights") == "ema"
+        if "partial" in ckpt:
+            ckpt["epoch_sums"] = ckpt.pop("partial")
+        if ckpt["kind"] == "member":
+            ckpt["folds"] = None  # format 1 had no --folds
+        if ckpt["kind"] == "ensemble":
+            ckpt["combiner"] = "head"
+    if ckpt["kind"] != "logits":  # a logits cache of another format is recomputed (its settings differ)
+        for entry in entries:
+            entry.update({"eval_size": entry["img_size"], **REPORT_EVAL, **entry})
     return dict(ckpt, format=FORMAT)
 
 
@@ -128,10 +141,13 @@ def model_from_checkpoint(ckpt):
 # ----------------------------------------------------------------------------
 # writing
 
-def member_spec(model, name, arch, class_names, img_size, mean, std):
-    """What a member checkpoint needs to rebuild its model and its input pipeline (SPEC_KEYS)."""
+def member_spec(model, name, arch, class_names, img_size, mean, std, eval_size=None, interpolation="bilinear",
+                crop_pct=None):
+    """What a member checkpoint needs to rebuild its model and its input pipeline (SPEC_KEYS); eval_size
+    defaults to img_size, and the defaults are the report's eval pipeline."""
     return dict(zip(SPEC_KEYS, (name, arch, list(class_names), int(img_size), list(mean), list(std),
-                                models.vit_config_of(model))))
+                                models.vit_config_of(model), int(eval_size or img_size), str(interpolation),
+                                None if crop_pct is None else float(crop_pct))))
 
 
 def member_checkpoint(spec, *, state_dict, ema_state_dict, state, optimizer, scaler, rng, args, folds=None):

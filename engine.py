@@ -126,6 +126,8 @@ class Training:
     runtime: Runtime
     ema: Optional[nn.Module] = None  # timm's ModelEmaV3
     prepare_images: Optional[Callable] = None  # a loader batch's images -> device tensor (default runtime.images)
+    # MixUp/CutMix on the device batch, before train_step: (images, labels) -> (mixed images, soft targets)
+    mix: Optional[Callable] = None
 
 
 class NonFiniteError(Exception):
@@ -157,9 +159,11 @@ def train_one_epoch(training, loader, *, epoch, steps_per_epoch, lr_at, start_st
     """Train over the loader's batches from `start_step`, setting the LR of each step to lr_at(step).
 
     epoch_sums: the running sums (loss, correct, count, seconds) of a mid-epoch checkpoint to continue
-    from. Every log step checks for non-finite values (NonFiniteError) and for a stop request (a
-    utils.StopSignal, shared by the ranks), then passes on_log(step, {"loss", "acc", "lr", "images_per_s"})
-    the epoch's running figures so far (this rank's); every `save_every` steps, and when stopping
+    from. Each param group's LR is lr_at(step) times its "lr_scale" (layer decay). With training.mix, the
+    batch is mixed before train_step, and a prediction counts as correct when it is the class with the
+    largest weight in its mixed target. Every log step checks for non-finite values (NonFiniteError) and for
+    a stop request (a utils.StopSignal, shared by the ranks), then passes on_log(step, {"loss", "acc", "lr",
+    "images_per_s"}) the epoch's running figures so far (this rank's); every `save_every` steps, and when stopping
     mid-epoch, save_partial(step, epoch_sums) writes a checkpoint. Returns (metrics reduced over ranks,
     None) at the epoch's end, or (None, step) when it stopped there."""
     runtime, world_size = training.runtime, dist.get_world_size() if dist.is_initialized() else 1
@@ -175,10 +179,14 @@ def train_one_epoch(training, loader, *, epoch, steps_per_epoch, lr_at, start_st
     for images, labels in bar:
         lr = lr_at(step)
         for group in training.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         images = prepare_images(images)
         labels = labels.to(runtime.device, non_blocking=True)
-        loss, logits = train_step(training, images, labels)
+        targets = labels
+        if training.mix is not None:
+            images, targets = training.mix(images, labels)
+            labels = targets.argmax(1)
+        loss, logits = train_step(training, images, targets)
         if training.ema is not None:
             training.ema.update(training.model, step=(epoch - 1) * steps_per_epoch + step)
         if not training.scaler.is_enabled():  # fp16's scaler skips bad steps itself

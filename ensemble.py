@@ -43,7 +43,7 @@ def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=utils.HelpFormatter)
     parser.add_argument("--members", type=Path, nargs="+", metavar="PATH", default=DEFAULT_MEMBERS,
                         help="member checkpoints (train.py's best.pt), two or more; they must share class names, "
-                        "image size and normalisation")
+                        "image and eval size and preprocessing (normalisation, interpolation, crop)")
     parser.add_argument("--data-dir", type=Path, default=Path("data"), help="folder with train/ and val/")
     parser.add_argument("--out-dir", type=Path, default=Path("runs/ensemble"),
                         help="writes ensemble.pt, metrics.json and logits_cache.pt here")
@@ -105,12 +105,15 @@ def load_members(paths):
                 continue
             if key == "class_names":
                 what = f"class names ({len(value)} vs {len(member[key])} classes, or another order)"
-            elif key == "img_size":
-                what = f"image size ({value} vs {member[key]} px)"
+            elif key in ("img_size", "eval_size"):
+                what = f"{'eval ' if key == 'eval_size' else ''}image size ({value} vs {member[key]} px)"
+            elif key in ("interpolation", "crop_pct"):
+                what = f"eval preprocessing {key} ({value} vs {member[key]})"
             else:
                 what = f"normalisation {key} ({value} vs {member[key]})"
             raise UserError(f"members {first['source']} and {member['source']} differ in {what}; "
-                            "ensemble only members trained on the same classes at the same --img-size")
+                            "ensemble only members trained on the same classes with the same --img-size, "
+                            "--eval-size and --preprocessing")
     return members
 
 
@@ -259,7 +262,7 @@ def main(argv=None):
     val_paths, val_labels, _ = data.load_split(args.data_dir, "val", class_names)
     norm = {"mean": task["mean"], "std": task["std"]}
     train_set = data.ImageDataset(train_paths, train_labels, transforms.train_transform(task["img_size"], **norm))
-    val_set = data.ImageDataset(val_paths, val_labels, transforms.eval_transform(task["img_size"], **norm))
+    val_set = data.ImageDataset(val_paths, val_labels, transforms.eval_transform_of(task))
     print(f"{len(members)} members, {num_classes} classes, {len(train_set)} train images x {args.views} views, "
           f"{len(val_set)} val images; {runtime.device} [{runtime.precision}]")
 

@@ -2,10 +2,10 @@
 
     python export.py runs/ensemble/ensemble.pt [--out runs/ensemble/ensemble.onnx] [--data-dir data]
 
-The graph takes float32 NCHW images normalised as the checkpoint's eval pipeline does (transforms.eval_transform),
-at its image size, on a dynamic batch axis, and returns the logits; an ensemble is one graph, members and
-stacking head. Its metadata_props hold class_names, img_size, mean, std (JSON), kind and the checkpoint's path
-and sha256, so predict.py --checkpoint MODEL.onnx needs the file alone.
+The graph takes float32 NCHW images as the checkpoint's eval pipeline gives them (transforms.eval_transform_of),
+at its eval size, on a dynamic batch axis, and returns the logits; an ensemble is one graph, members and
+stacking head. Its metadata_props hold class_names, img_size, mean, std, eval_size, interpolation, crop_pct
+(JSON), kind and the checkpoint's path and sha256, so predict.py --checkpoint MODEL.onnx needs the file alone.
 
 Before the file is written, onnxruntime runs the graph on --samples images (from --data-dir's val/ or test/,
 else random tensors) and its logits are compared with torch's: a top-1 that differs (other than on a near-tie),
@@ -40,12 +40,13 @@ def get_args_parser():
     return parser
 
 
-def sample_images(data_dir, count, img_size, mean, std):
-    """(count x 3 x img_size x img_size) normalised images of DATA/val, spread over its classes, or of DATA/test,
-    and what they are; random tensors (seeded) without data_dir."""
+def sample_images(data_dir, count, spec):
+    """(count x 3 x eval_size x eval_size) images of DATA/val, spread over its classes, or of DATA/test, through
+    the eval pipeline of a checkpoint's spec, and what they are; random tensors (seeded) without data_dir."""
     if data_dir is None:
         generator = torch.Generator().manual_seed(0)
-        return torch.randn(count, 3, img_size, img_size, generator=generator), "random tensors"
+        size = spec["eval_size"]
+        return torch.randn(count, 3, size, size, generator=generator), "random tensors"
     if (data_dir / "val").is_dir():
         paths, _, _ = data.list_split(data_dir, "val")
         source = data_dir / "val"
@@ -57,7 +58,7 @@ def sample_images(data_dir, count, img_size, mean, std):
     paths, _ = data.scan_images(paths[::max(1, len(paths) // count)][:count], warn=False)
     if not paths:
         raise UserError(f"{source} holds no readable image to verify the export on")
-    transform = transforms.eval_transform(img_size, mean=mean, std=std)
+    transform = transforms.eval_transform_of(spec)
     return torch.stack([transform(path) for path in paths]), f"images of {source}"
 
 
@@ -85,12 +86,12 @@ def main(argv=None):
         raise UserError(f"checkpoint {args.checkpoint} is a {ckpt['kind']} file, not a model; export a member's "
                         "best.pt or an ensemble.pt")
     utils.check_writable(out.parent, "--out")
-    images, source = sample_images(args.data_dir, args.samples, ckpt["img_size"], ckpt["mean"], ckpt["std"])
+    images, source = sample_images(args.data_dir, args.samples, ckpt)
 
     # ----------------------------------------------------------------- export
     model = checkpoints.model_from_checkpoint(ckpt)
     metadata = onnx_runtime.metadata_of(ckpt, args.checkpoint, utils.file_sha256(args.checkpoint))
-    graph = onnx_runtime.to_onnx(model, ckpt["img_size"], metadata)
+    graph = onnx_runtime.to_onnx(model, ckpt["eval_size"], metadata)
 
     # ----------------------------------------------------------------- verify, then write
     with torch.inference_mode():
@@ -104,7 +105,7 @@ def main(argv=None):
                         f"{largest:.2e}, allowed {allowed:.2e}; top-1 differs on {flipped} image(s)); "
                         f"{out} was not written")
     utils.atomic_write(out, lambda f: f.write(graph))
-    print(f"wrote {out} ({ckpt['kind']}, {len(ckpt['class_names'])} classes, {ckpt['img_size']} px, "
+    print(f"wrote {out} ({ckpt['kind']}, {len(ckpt['class_names'])} classes, {ckpt['eval_size']} px, "
           f"{len(graph) / 2**20:.1f} MB)")
 
 

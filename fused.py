@@ -199,11 +199,14 @@ class FusedTrainTransform:
     device_warp=False ("fused"): returns the normalised float (3, img_size, img_size) tensor.
     device_warp=True ("fused-gpu"): returns (uint8 (3, img_size, img_size), float32 maps (2, 3, 3)): the
     crop, cut and resized here as the chain's first step does; the loop passes the batch of both to
-    warp_batch on the GPU, which flips, rotates, distorts and normalises it."""
+    warp_batch on the GPU, which flips, rotates, distorts and normalises it.
+    crop_augment: a map of the resized crop (PIL) applied before the warp, on either path (TrivialAugmentWide,
+    RandomErasing: transforms.crop_augment), or None."""
     reads_path = True
 
-    def __init__(self, img_size, *, mean, std, device_warp=False):
+    def __init__(self, img_size, *, mean, std, device_warp=False, crop_augment=None):
         self.img_size, self.mean, self.std, self.device_warp = img_size, tuple(mean), tuple(std), device_warp
+        self.crop_augment = crop_augment
 
     def __call__(self, source):
         """source: a file's path (decoded here, at reduced size where the crop allows it), or a decoded
@@ -220,6 +223,8 @@ class FusedTrainTransform:
     def warp(self, rgb, params, scale):
         maps = train_maps(params, self.img_size)
         crop = resize_crop(rgb, crop_box(params, scale), self.img_size)
+        if self.crop_augment is not None:
+            crop = self.crop_augment(crop)
         if self.device_warp:
             return v2.functional.pil_to_tensor(crop), torch.from_numpy(maps).float()
         return normalize_255(warp_crop(crop, maps, self.img_size), self.mean, self.std)

@@ -31,7 +31,8 @@ def cycle(loader, sampler):
 
 
 def range_test(training, batches, lrs, *, lr_scale=1.0, progress=True):
-    """One engine.train_step per LR of `lrs` (the optimizer gets lr * lr_scale) on the next of `batches`,
+    """One engine.train_step per LR of `lrs` (the optimizer gets lr * lr_scale, times a group's "lr_scale"
+    under layer decay) on the next of `batches`, mixed as training.mix mixes them,
     stopping early once the smoothed loss exceeds DIVERGED x its minimum or is not finite. Returns a row
     {step, lr, loss, smoothed_loss} per step taken."""
     runtime = training.runtime
@@ -40,8 +41,11 @@ def range_test(training, batches, lrs, *, lr_scale=1.0, progress=True):
     bar = utils.progress(zip(lrs, batches), desc="find lr", total=len(lrs), enabled=progress, leave=False)
     for step, (lr, (images, labels)) in enumerate(bar, 1):
         for group in training.optimizer.param_groups:
-            group["lr"] = lr * lr_scale
-        loss, _ = engine.train_step(training, prepare_images(images), labels.to(runtime.device, non_blocking=True))
+            group["lr"] = lr * lr_scale * group.get("lr_scale", 1.0)
+        images, targets = prepare_images(images), labels.to(runtime.device, non_blocking=True)
+        if training.mix is not None:
+            images, targets = training.mix(images, targets)
+        loss, _ = engine.train_step(training, images, targets)
         loss = loss.item()
         average = BETA * average + (1 - BETA) * loss
         smoothed = average / (1 - BETA ** step)

@@ -160,6 +160,27 @@ def create_backbone(arch, num_classes, weights="imagenet"):
     return model
 
 
+def pretrained_cfg(arch):
+    """timm's pretrained config of `arch` as a dict (timm holds it in its code: no network), for any --weights:
+    a local weights file or random init uses the arch's (its default tag's) config too."""
+    if not timm.is_model(arch):
+        raise UserError(f"--arch {arch} is not a timm model; e.g. resnext101_32x8d.tv_in1k, "
+                        "resnext50_32x4d, resnet50, resnet10t")
+    return timm.models.get_pretrained_cfg(arch).to_dict()
+
+
+def pretrained_preprocessing(arch):
+    """The input pipeline the weights of `arch` were made for, read by timm's resolve_data_config from its
+    pretrained config: img_size (train), eval_size (its test size, else the train size), interpolation,
+    crop_pct (of the test size), mean and std."""
+    cfg = pretrained_cfg(arch)
+    train = timm.data.resolve_data_config(pretrained_cfg=cfg)
+    test = timm.data.resolve_data_config(pretrained_cfg=cfg, use_test_size=True)
+    return {"img_size": int(train["input_size"][-1]), "eval_size": int(test["input_size"][-1]),
+            "interpolation": str(test["interpolation"]), "crop_pct": float(test["crop_pct"]),
+            "mean": [float(m) for m in test["mean"]], "std": [float(s) for s in test["std"]]}
+
+
 def build_model(name, arch=DEFAULT_ARCH, num_classes=100, weights="imagenet",
                 vit_weights=DEFAULT_VIT, vit_config=None):
     """Build one of MODEL_NAMES. vit_config (a dict) builds the ViT offline with random weights,
@@ -245,6 +266,38 @@ def apply_unfreeze(model, schedule, epoch, freeze_bn_stats=False):
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.eval()
     return stages
+
+
+# ----------------------------------------------------------------------------
+# optimizers
+
+OPTIMIZERS = ("sgd", "adamw")
+
+
+def create_optimizer(model, opt, *, lr, weight_decay, momentum, layer_decay=None):
+    """sgd without layer decay: the report's SGD (one group, weight decay on every weight). Otherwise timm's
+    optimizer factory (SGD with momentum, or AdamW), which leaves biases and norms undecayed and, with
+    layer_decay, gives each of the model's layer groups (its group_matcher: stem, each block, fc) an
+    "lr_scale" of layer_decay ** (layers after it); engine.train_one_epoch multiplies the LR by it. Parameters
+    that do not train (resnext_freeze's frozen stages) get no gradient, so neither rule touches them."""
+    if opt not in OPTIMIZERS:
+        raise UserError(f"--opt {opt} is not one of {', '.join(OPTIMIZERS)}")
+    if layer_decay is not None and not 0 < layer_decay <= 1:
+        raise UserError(f"--layer-decay {layer_decay} must be above 0 and at most 1")
+    if opt == "sgd" and layer_decay is None:
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    from timm.optim import create_optimizer_v2
+    # timm leaves out parameters that do not require grad: every one gets its group whatever is frozen now,
+    # so that the groups (and a saved optimizer state) are the same at any epoch of the unfreezing schedule
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(True)
+    try:
+        return create_optimizer_v2(model, opt="momentum" if opt == "sgd" else "adamw", lr=lr,
+                                   weight_decay=weight_decay, momentum=momentum, layer_decay=layer_decay)
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
 
 
 def count_params(model, trainable_only=False):

@@ -2,8 +2,9 @@
 run with onnxruntime as a module that engine.infer and engine.predict_images call like the torch model.
 
 An exported file takes float32 NCHW images, normalised as the checkpoint's eval pipeline does, at its
-img_size, on a dynamic batch axis ("images"), and returns the logits ("logits"). Its metadata_props hold
-METADATA_KEYS as strings (lists as JSON)."""
+eval_size, on a dynamic batch axis ("images"), and returns the logits ("logits"). Its metadata_props hold
+METADATA_KEYS as strings (lists as JSON); files exported before the eval pipeline was stored lack
+PIPELINE_KEYS and get the report's (eval_size = img_size, bilinear, no crop)."""
 import io
 import json
 import warnings
@@ -17,6 +18,7 @@ from utils import UserError
 
 FORMAT = "imgcls-onnx-1"
 METADATA_KEYS = ("format", "kind", "class_names", "img_size", "mean", "std", "checkpoint", "checkpoint_sha256")
+PIPELINE_KEYS = ("eval_size", "interpolation", "crop_pct")  # written since imgcls-checkpoint-3
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 # opset 17 has every operator of the ResNets and of the HF ViT (LayerNormalization among them) and is read
 # by every onnxruntime since 1.11 and by TensorRT
@@ -33,12 +35,13 @@ def metadata_of(ckpt, source, sha256):
     `source`, whose file hash is sha256."""
     return {"format": FORMAT, "kind": ckpt["kind"], "class_names": list(ckpt["class_names"]),
             "img_size": int(ckpt["img_size"]), "mean": list(ckpt["mean"]), "std": list(ckpt["std"]),
-            "checkpoint": str(source), "checkpoint_sha256": sha256}
+            "checkpoint": str(source), "checkpoint_sha256": sha256,
+            **{key: ckpt[key] for key in PIPELINE_KEYS}}
 
 
 def to_onnx(model, img_size, metadata):
-    """The serialised ONNX model of a torch model (fp32, eval mode, on the CPU) with `metadata` in its
-    metadata_props.
+    """The serialised ONNX model of a torch model (fp32, eval mode, on the CPU) taking img_size x img_size
+    images (a checkpoint's eval_size), with `metadata` in its metadata_props.
 
     The TorchScript exporter (dynamo=False) is used. With torch 2.14 both exporters export resnet10t, the
     resnext_vit member (HF ViT) and an ensemble of them with a dynamic batch, to the same logits (1e-6); the
@@ -72,8 +75,12 @@ def parse_metadata(props, name):
     if props.get("format") != FORMAT or any(key not in props for key in METADATA_KEYS):
         raise UserError(f"ONNX model {name} was not written by export.py (its metadata lacks the class names, "
                         "image size and normalisation); export a checkpoint with python export.py CHECKPOINT")
-    return {key: props[key] if key in ("format", "kind", "checkpoint", "checkpoint_sha256") else json.loads(props[key])
-            for key in METADATA_KEYS}
+    metadata = {key: props[key] if key in ("format", "kind", "checkpoint", "checkpoint_sha256")
+                else json.loads(props[key]) for key in METADATA_KEYS}
+    report_pipeline = {"eval_size": metadata["img_size"], "interpolation": "bilinear", "crop_pct": None}
+    pipeline = {key: (props[key] if key == "interpolation" else json.loads(props[key])) if key in props
+                else report_pipeline[key] for key in PIPELINE_KEYS}
+    return {**metadata, **pipeline}
 
 
 def providers_for(device):

@@ -1,9 +1,10 @@
 """Predict the test images with a member or ensemble checkpoint and write the competition's submission.
 
-    python predict.py [--checkpoint runs/ensemble/ensemble.pt] [--data-dir data] [--tta hflip]
+    python predict.py [--checkpoint runs/ensemble/ensemble.pt] [--data-dir data] [--tta hflip,scale:1.15]
 
---checkpoint may also be an ONNX model from export.py (MODEL.onnx), run with onnxruntime: its metadata gives
-the class names, image size and normalisation, and the same preprocessing, TTA views and files follow.
+Images go through the checkpoint's own eval pipeline (transforms.eval_transform_of: its eval size, interpolation,
+crop fraction and normalisation). --checkpoint may also be an ONNX model from export.py (MODEL.onnx), run with
+onnxruntime: its metadata gives the class names and that pipeline, and the same TTA views and files follow.
 
 Writes --out (prediction.csv: header image_name,pred_label, one row per image of the test folder sorted by
 name; image_name is the file name without its extension, pred_label the class folder name) and --zip
@@ -13,11 +14,13 @@ logits.pt (--save-logits: a dict of image_names, class_names, logits (N, C) floa
 checkpoint; read it with torch.load(path, weights_only=True)).
 """
 import argparse
+import functools
 import math
 import sys
 from pathlib import Path
 
 import pandas as pd
+import torch.nn.functional as F
 
 import checkpoints
 import data
@@ -42,8 +45,11 @@ def get_args_parser():
     parser.add_argument("--out", type=Path, default=Path("prediction.csv"), help="the CSV to write")
     parser.add_argument("--zip", type=Path, help="the zip to upload (prediction.csv at its root); by default "
                         "submission.zip beside --out")
-    parser.add_argument("--tta", default="none", choices=tuple(TTA_VIEWS), help="test-time augmentation: "
-                        "hflip averages the logits of each image and of its mirror image (twice the compute)")
+    parser.add_argument("--tta", default="none", help="test-time augmentation: none, or a comma list of views "
+                        "whose logits are averaged with the plain image's: hflip (the mirror image), scale:S (the "
+                        "batch upsampled by S, i.e. evaluated at round(eval size x S) px, FixRes-style: a model "
+                        "trained at a smaller size often scores higher above its eval size; S below 1 shrinks). "
+                        "E.g. hflip,scale:1.15: 3 views, 3x the compute")
     parser.add_argument("--topk", type=int, default=0, help="also write probabilities.csv beside --out with "
                         "the K most likely labels and their probabilities (0: off)")
     parser.add_argument("--save-logits", action="store_true", help="also write logits.pt beside --out")
@@ -61,7 +67,34 @@ def hflip(x):
     return x.flip(-1)
 
 
+def rescale(x, factor):
+    """The batch resized by `factor` on each side (bilinear; antialiased when it shrinks)."""
+    size = [max(1, round(side * factor)) for side in x.shape[-2:]]
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=factor < 1)
+
+
 TTA_VIEWS = {"none": (engine.identity,), "hflip": (engine.identity, hflip)}
+
+
+def parse_tta(text):
+    """--tta: the views (the plain image first) of "none", or of a comma list of hflip and scale:S items."""
+    if text in TTA_VIEWS:
+        return TTA_VIEWS[text]
+    views = [engine.identity]
+    for item in (part.strip() for part in text.split(",")):
+        name, _, value = item.partition(":")
+        try:
+            factor = float(value) if name == "scale" else None
+        except ValueError:
+            factor = None
+        if item == "hflip":
+            views.append(hflip)
+        elif factor is not None and 0 < factor <= 4 and factor != 1:
+            views.append(functools.partial(rescale, factor=factor))
+        else:
+            raise UserError(f"--tta '{text}': '{item}' is not a view; use none, or a comma list of hflip and "
+                            "scale:S with S between 0 and 4, not 1 (e.g. --tta hflip,scale:1.15)")
+    return tuple(views)
 
 
 # ----------------------------------------------------------------------------
@@ -133,6 +166,10 @@ def main(argv=None):
     if is_onnx and args.precision not in ("auto", "fp32"):
         raise UserError(f"--precision {args.precision} does not apply to an ONNX model, which runs in the fp32 it "
                         "was exported in; leave --precision out")
+    views = parse_tta(args.tta)
+    if is_onnx and any(isinstance(view, functools.partial) for view in views):
+        raise UserError(f"--tta {args.tta}: an ONNX model takes images of its one eval size, so scale:S views need "
+                        "the checkpoint (.pt) it was exported from; hflip works on both")
     runtime = engine.resolve_runtime(args.device, "fp32" if is_onnx else args.precision, args.channels_last)
     batch_size = engine.resolve_batch_size(args.batch_size, runtime.device)
 
@@ -161,13 +198,11 @@ def main(argv=None):
     workers = data.loader_workers(args.workers, runtime.device)
     engine_name = f"onnxruntime {onnx_model.provider}" if is_onnx else runtime.precision
     print(f"{ckpt['kind']} {'ONNX model' if is_onnx else 'checkpoint'} {args.checkpoint} ({len(class_names)} "
-          f"classes, {ckpt['img_size']} px) on {runtime.device} [{engine_name}]; {len(paths)} test images from "
+          f"classes, eval {ckpt['eval_size']} px) on {runtime.device} [{engine_name}]; {len(paths)} test images from "
           f"{test_dir}; TTA {args.tta}")
     # the labels are the indices, so that engine.predict_images can check each image is the one asked for
-    dataset = data.ImageDataset(paths, range(len(paths)),
-                                transforms.eval_transform(ckpt["img_size"], mean=ckpt["mean"], std=ckpt["std"]))
-    logits = engine.predict_images(model, dataset, runtime, batch_size=batch_size, workers=workers,
-                                   views=TTA_VIEWS[args.tta])
+    dataset = data.ImageDataset(paths, range(len(paths)), transforms.eval_transform_of(ckpt))
+    logits = engine.predict_images(model, dataset, runtime, batch_size=batch_size, workers=workers, views=views)
     # ------------------------------------------------------------------ write
     frame = pd.DataFrame({"image_name": stems, "pred_label": labels_of(logits, class_names)})
     check_submission(frame, stems, class_names)

@@ -238,14 +238,10 @@ def find_runs(runs_dir):
 # ----------------------------------------------------------------------------
 # the analysed model's val predictions
 
-def eval_transform_of(ckpt):
-    return transforms.eval_transform(ckpt["img_size"], mean=ckpt["mean"], std=ckpt["std"])
-
-
 def predict_val(ckpt, model, data_dir, runtime, batch_size, workers):
     """(val paths, labels (N,), probabilities (N, C), class names) of a checkpoint's model on data_dir/val."""
     paths, labels, class_names = data.load_split(data_dir, "val", ckpt["class_names"])
-    dataset = data.ImageDataset(paths, range(len(paths)), eval_transform_of(ckpt))
+    dataset = data.ImageDataset(paths, range(len(paths)), transforms.eval_transform_of(ckpt))
     logits = engine.predict_images(model, dataset, runtime, batch_size=batch_size, workers=workers, desc="val")
     return paths, torch.tensor(labels), logits.softmax(1), class_names
 
@@ -417,9 +413,10 @@ def cam_grid_size(num_images, num_members):
     return TILE_SIZE[0] * per_row * (1 + num_members), TILE_SIZE[1] * math.ceil(num_images / per_row)
 
 
-def plot_cams(images, member_names, heatmaps, class_names, path):
-    """Per image (val_images tuples, in order) a tile of the image, its true and predicted class and the
-    confidence (red: wrong, green: right), then the Grad-CAM of the predicted class of each member."""
+def plot_cams(images, member_names, heatmaps, class_names, path, transform):
+    """Per image (val_images tuples, in order) a tile of the image (the part the eval transform keeps), its
+    true and predicted class and the confidence (red: wrong, green: right), then the Grad-CAM of the
+    predicted class of each member."""
     plt = pyplot()
     per_row, width = cam_images_per_row(len(member_names)), 1 + len(member_names)
     fig, axes = plt.subplots(math.ceil(len(images) / per_row), per_row * width, dpi=DPI, squeeze=False,
@@ -430,6 +427,7 @@ def plot_cams(images, member_names, heatmaps, class_names, path):
         row, column = divmod(i, per_row)
         tiles = axes[row, column * width:(column + 1) * width]
         img = data.load_rgb(image_path)
+        img = img.crop(transform.kept_box(img.width, img.height))
         img.thumbnail((256, 256))
         tiles[0].imshow(img)
         tiles[0].set_title(f"true: {short(class_names[true], 18)}\npred: {short(class_names[pred], 18)} "
@@ -452,7 +450,7 @@ def write_cams(members, figures, class_names, transform, runtime, batch_size, fo
     for name, images in figures.items():
         rows = torch.tensor([row[image] for image in images])
         plot_cams(images, [member_name for member_name, _ in members], [maps[rows] for maps in heatmaps],
-                  class_names, folder / name)
+                  class_names, folder / name, transform)
     for stale in [folder / "misclassified.png", *folder.glob("pair_*.png")]:
         if stale.name not in figures and stale.is_file():
             stale.unlink()
@@ -694,11 +692,11 @@ def main(argv=None):
                 pair.update(cam=f"{cam_dir}/{name}", cam_images=len(picks))
             members = cam_members(ckpt, model, analysed_run["name"])
             print(f"Grad-CAM of {len(members)} model(s) on {sum(map(len, figures.values()))} val images")
-            heatmap_size = write_cams(members, figures, class_names, eval_transform_of(ckpt), runtime, batch_size,
-                                      out.parent / cam_dir)
+            heatmap_size = write_cams(members, figures, class_names, transforms.eval_transform_of(ckpt), runtime,
+                                      batch_size, out.parent / cam_dir)
             analysed["cam"] = {"members": [{"name": name, "layer": cam.target_layer_name(member)}
                                            for name, member in members],
-                               "heatmap_size": list(heatmap_size), "img_size": ckpt["img_size"], "per_pair": args.cam,
+                               "heatmap_size": list(heatmap_size), "img_size": ckpt["eval_size"], "per_pair": args.cam,
                                "misclassified": f"{cam_dir}/misclassified.png", "shown": len(shown)}
             files["cam"] = [f"{cam_dir}/{name}" for name in figures]
 

@@ -9,6 +9,7 @@ iteration, 50 epochs at 224 px. --lr and --min-lr are per 32 images: they are sc
 event files (`tensorboard --logdir runs`).
 
     python train.py --model resnext --find-lr    (LR range test: lr_find.csv, lr_find.png, a suggested --lr)
+    python train.py --model resnext --recipe strong   (a modern fine-tuning recipe: README, "The strong recipe")
 """
 import argparse
 import dataclasses
@@ -24,6 +25,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 import torch.distributed as dist
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -46,8 +49,21 @@ from utils import UserError
 RUNTIME_FLAGS = ("data_dir", "out_dir", "cache_dir", "resume", "workers", "device", "stop_after", "save_every",
                  "log_every", "compile", "detect_anomaly", "strict", "channels_last", "tensorboard", "find_lr",
                  "find_lr_start", "find_lr_end", "find_lr_steps")
+# the flags --recipe strong sets, unless given: a modern fine-tuning recipe (README: "The strong recipe")
+STRONG_RECIPE = {"arch": "seresnextaa101d_32x8d.sw_in12k_ft_in1k", "opt": "adamw", "lr": 1e-4, "weight_decay": 0.05,
+                 "layer_decay": 0.9, "label_smoothing": 0.1, "aug": "crop-flip", "auto_augment": "trivial",
+                 "random_erase": 0.25, "mixup": 0.8, "cutmix": 1.0, "preprocessing": "pretrained"}
 # what a run (and --find-lr) writes atomically in --out-dir; TensorBoard appends to its own event files
 ARTEFACTS = ("last.pt", "best.pt", "history.csv", "config.json", "curves.png", "lr_find.csv", "lr_find.png")
+
+
+def crop_fraction(text):
+    """--crop-pct: a fraction, or none (the report's resize to the eval size without a crop)."""
+    return None if text == "none" else float(text)
+
+
+def strong(key):
+    return f" (strong: {STRONG_RECIPE[key]})"
 
 
 def get_args_parser():
@@ -57,22 +73,55 @@ def get_args_parser():
                         "--resume PATH)")
     parser.add_argument("--data-dir", type=Path, default=Path("data"), help="folder with train/ and val/")
     parser.add_argument("--out-dir", type=Path, help="run folder (default: runs/MODEL)")
+    parser.add_argument("--recipe", default="report", choices=("report", "strong"), help="report: the course "
+                        "report's recipe (every default below); strong: a modern fine-tuning recipe, the defaults "
+                        "marked (strong: ...) below; a flag given explicitly always wins")
     parser.add_argument("--arch", default=models.DEFAULT_ARCH, help="timm ResNet-family backbone, e.g. "
-                        "resnext50_32x4d, resnext101_32x8d.fb_swsl_ig1b_ft_in1k, resnet10t")
+                        "resnext50_32x4d, resnext101_32x8d.fb_swsl_ig1b_ft_in1k, resnet10t" + strong("arch"))
     parser.add_argument("--weights", default="imagenet", help="imagenet (timm download, cached), none, or a "
                         "local .pth/.safetensors backbone state dict")
     parser.add_argument("--vit-weights", default=models.DEFAULT_VIT, help="resnext_vit: HF id or local folder")
     parser.add_argument("--epochs", type=int, default=50, help="total epochs")
     parser.add_argument("--batch-size", type=int, default=32, help="global batch size (split across ranks)")
-    parser.add_argument("--lr", type=float, default=1e-3, help="peak LR per 32 images (scaled by batch/32)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak LR per 32 images (scaled by batch/32)"
+                        + strong("lr"))
     parser.add_argument("--min-lr", type=float, default=1e-6, help="final cosine LR per 32 images")
+    parser.add_argument("--opt", default="sgd", choices=models.OPTIMIZERS, help="optimizer: sgd (with --momentum; "
+                        "without --layer-decay the report's torch SGD) or adamw, through timm's optimizer factory"
+                        + strong("opt"))
+    parser.add_argument("--layer-decay", type=float, help="LR x this per layer group from fc down to the stem "
+                        "(timm's layer groups: stem, each block, fc) (default: off; strong: 0.9)")
     parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    parser.add_argument("--weight-decay", type=float, default=0.0, help="SGD weight decay")
-    parser.add_argument("--label-smoothing", type=float, default=0.0, help="cross-entropy label smoothing")
-    parser.add_argument("--img-size", type=int, default=224, help="train and eval image size")
+    parser.add_argument("--weight-decay", type=float, default=0.0, help="weight decay (the report's SGD: on every "
+                        "weight; timm's optimizers: not on biases and norms; adamw: decoupled)"
+                        + strong("weight_decay"))
+    parser.add_argument("--label-smoothing", type=float, default=0.0, help="cross-entropy label smoothing (with "
+                        "--mixup / --cutmix: of the mixed targets)" + strong("label_smoothing"))
+    parser.add_argument("--img-size", type=int, default=224, help="train image size (--preprocessing pretrained: "
+                        "the weights' input size)")
+    parser.add_argument("--eval-size", type=int, help="image size of validation, ensemble.py and predict.py, "
+                        "stored in the checkpoint (default: --img-size; --preprocessing pretrained: the weights' "
+                        "test size)")
+    parser.add_argument("--crop-pct", type=crop_fraction, help="eval crop fraction: resize the shorter side to "
+                        "eval size / this, center-crop the eval size (timm's); none: resize to eval size x eval "
+                        "size, the report's (default: none; --preprocessing pretrained: the weights' test crop)")
+    parser.add_argument("--preprocessing", default="report", choices=("report", "pretrained"), help="report: "
+                        "ImageNet mean and std, bilinear, eval resize without a crop; pretrained: mean, std, "
+                        "interpolation, crop fraction and train and test sizes from timm's pretrained config of "
+                        "--arch (resolve_data_config)" + strong("preprocessing"))
     parser.add_argument("--aug", default="report", choices=transforms.TRAIN_AUGS, help="train augmentation: report "
-                        "(the report's chain), fused (the same random maps as one warp from a reduced JPEG "
-                        "decode), fused-gpu (that warp done on the device for the whole batch)")
+                        "(the report's chain), crop-flip (RandomResizedCrop and flip alone), fused (the report's "
+                        "random maps as one warp from a reduced JPEG decode), fused-gpu (that warp done on the "
+                        "device for the whole batch)" + strong("aug"))
+    parser.add_argument("--auto-augment", default="none", choices=transforms.AUTO_AUGMENTS, help="trivial: "
+                        "TrivialAugmentWide after the geometric steps (fused: on the crop, before the warp)"
+                        + strong("auto_augment"))
+    parser.add_argument("--random-erase", type=float, default=0.0, help="RandomErasing probability per image "
+                        "(fused: on the crop, before the warp)" + strong("random_erase"))
+    parser.add_argument("--mixup", type=float, default=0.0, help="MixUp alpha (timm's Mixup on the device batch, "
+                        "soft-target loss; 0: off); with --cutmix too, each batch is one or the other"
+                        + strong("mixup"))
+    parser.add_argument("--cutmix", type=float, default=0.0, help="CutMix alpha (0: off)" + strong("cutmix"))
     parser.add_argument("--cache-size", type=int, default=0, help="decode each train image once, shorter side "
                         "at most this many px (e.g. 2x --img-size), into --cache-dir; epochs read that instead "
                         "of the files (0: off)")
@@ -140,8 +189,34 @@ def check_find_lr(args):
                         f"{args.find_lr_end}")
 
 
-def new_run(args, out_dir):
+def resolve_preprocessing(args, given):
+    """The input pipeline of a new run: --preprocessing's (the report's, or the weights' pretrained config),
+    with --img-size, --eval-size and --crop-pct winning when given. Sets img_size, eval_size, crop_pct,
+    interpolation, mean and std on args."""
+    if args.preprocessing == "pretrained":
+        pipeline = models.pretrained_preprocessing(args.arch)
+    else:
+        pipeline = {"img_size": args.img_size, "eval_size": None, "crop_pct": None, "interpolation": "bilinear",
+                    "mean": list(transforms.IMAGENET_MEAN), "std": list(transforms.IMAGENET_STD)}
+    for key, value in pipeline.items():
+        if key not in given:
+            setattr(args, key, value)
+    if args.eval_size is None:
+        args.eval_size = args.img_size
+    for flag, value in (("--img-size", args.img_size), ("--eval-size", args.eval_size)):
+        if value < 1:
+            raise UserError(f"{flag} {value} must be at least 1")
+    if args.crop_pct is not None and not 0 < args.crop_pct <= 1:
+        raise UserError(f"--crop-pct {args.crop_pct} must be above 0 and at most 1, or none")
+
+
+def new_run(args, out_dir, given):
     args.out_dir = out_dir
+    if args.recipe == "strong":
+        for key, value in STRONG_RECIPE.items():
+            if key not in given:
+                setattr(args, key, value)
+    resolve_preprocessing(args, given)
     if args.model == "resnext_freeze":
         args.unfreeze = models.resolve_unfreeze(args.unfreeze, args.epochs)
     return args, None
@@ -154,7 +229,7 @@ def resolve_args(args, given):
     if args.resume is None:
         if args.model is None:
             raise UserError("--model is required (resnext, resnext_freeze or resnext_vit)")
-        return new_run(args, args.out_dir or Path("runs") / args.model)
+        return new_run(args, args.out_dir or Path("runs") / args.model, given)
     if args.resume == "last":
         if args.model is None and args.out_dir is None:
             raise UserError("--resume without a PATH needs --model or --out-dir to find last.pt")
@@ -163,7 +238,7 @@ def resolve_args(args, given):
             if os.environ.get("RANK", "0") == "0":
                 print(f"no {path} yet: starting a new run")
             args.resume = None
-            return new_run(args, path.parent)
+            return new_run(args, path.parent, given)
     else:
         path = Path(args.resume)
     ckpt = checkpoints.load(path, kind="member")
@@ -178,6 +253,8 @@ def resolve_args(args, given):
             args.data_dir = Path(value)
         elif key not in RUNTIME_FLAGS:
             setattr(args, key, value)
+    for key in checkpoints.PREPROCESSING_KEYS:  # the run's pipeline (an older file's args lack it)
+        setattr(args, key, ckpt[key])
     args.resume, args.out_dir = str(path), args.out_dir or path.parent
     return args, ckpt
 
@@ -345,11 +422,13 @@ def main(argv=None):
     if ckpt is not None and ckpt["class_names"] != class_names:
         raise UserError(f"--resume {args.resume} was trained on other classes than {args.data_dir}/train "
                         f"({len(ckpt['class_names'])} vs {len(class_names)} classes, or another order)")
-    mean, std = transforms.IMAGENET_MEAN, transforms.IMAGENET_STD
-    train_set = data.ImageDataset(train_paths, train_labels,
-                                  transforms.train_transform(args.img_size, aug=args.aug, mean=mean, std=std),
-                                  open_cache(args, train_paths, local_rank, is_main))
-    val_set = data.ImageDataset(val_paths, val_labels, transforms.eval_transform(args.img_size, mean=mean, std=std))
+    mean, std = args.mean, args.std
+    preprocessing = {key: getattr(args, key) for key in checkpoints.PREPROCESSING_KEYS}
+    train_set = data.ImageDataset(train_paths, train_labels, transforms.train_transform(
+        args.img_size, aug=args.aug, mean=mean, std=std, auto_augment=args.auto_augment,
+        random_erase=args.random_erase, interpolation=args.interpolation),
+        open_cache(args, train_paths, local_rank, is_main))
+    val_set = data.ImageDataset(val_paths, val_labels, transforms.eval_transform_of(preprocessing))
     workers = data.loader_workers(args.workers, device, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
     sampler = data.TrainBatchSampler(len(train_set), args.batch_size, args.seed, rank, world_size)
     train_loader = data.make_loader(train_set, device=device, workers=workers, batch_sampler=sampler)
@@ -367,20 +446,31 @@ def main(argv=None):
             raise UserError("--sync-bn needs CUDA GPUs (PyTorch's SyncBatchNorm); leave it out on the CPU")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     runtime.place(model)
-    spec = checkpoints.member_spec(model, args.model, args.arch, class_names, args.img_size, mean, std)
+    spec = checkpoints.member_spec(model, args.model, args.arch, class_names, args.img_size, mean, std,
+                                   args.eval_size, args.interpolation, args.crop_pct)
     freeze = models.parse_unfreeze(args.unfreeze) if args.model == "resnext_freeze" else None
     sections = models.section_bounds(freeze, args.epochs) if freeze else [(1, args.epochs)]
     section_starts = [first for first, _ in sections[1:]]
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay)
+    optimizer = models.create_optimizer(model, args.opt, lr=args.lr, momentum=args.momentum,
+                                        weight_decay=args.weight_decay, layer_decay=args.layer_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=runtime.precision == "fp16")
     ema = ModelEmaV3(model, decay=args.ema_decay) if args.ema else None
     prepare_images = None
     if args.aug == "fused-gpu":  # batches of (uint8 crops, maps), warped on the device
         prepare_images = functools.partial(fused.warp_on_device, img_size=args.img_size, mean=mean, std=std,
                                            device=device, memory_format=runtime.memory_format)
-    training = engine.Training(model, model, optimizer, scaler, nn.CrossEntropyLoss(
-        label_smoothing=args.label_smoothing), runtime, ema, prepare_images)
+    mix, criterion = None, nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+    if args.mixup or args.cutmix:
+        if min(args.mixup, args.cutmix) < 0:
+            raise UserError(f"--mixup {args.mixup} and --cutmix {args.cutmix} must not be negative (0: off)")
+        if (args.batch_size // world_size) % 2:
+            raise UserError(f"--mixup / --cutmix pair each image with another of its batch: --batch-size "
+                            f"{args.batch_size} must give each of the {world_size} process(es) an even batch")
+        # its draws come from numpy's global RNG, which last.pt saves: a resumed run mixes as an uninterrupted one
+        mix = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=args.label_smoothing,
+                    num_classes=len(class_names))
+        criterion = SoftTargetCrossEntropy()
+    training = engine.Training(model, model, optimizer, scaler, criterion, runtime, ema, prepare_images, mix)
     if args.find_lr:
         find_lr(args, training, freeze, train_loader, sampler, out_dir)
         return
@@ -412,7 +502,8 @@ def main(argv=None):
                   params=models.count_params(model))
     if is_main:
         utils.atomic_write_json(out_dir / "config.json", config)
-        log(f"{args.model} ({args.arch}, {config['params'] / 1e6:.2f}M params) on {device} [{runtime.precision}], "
+        log(f"{args.model} ({args.arch}, {config['params'] / 1e6:.2f}M params; {args.recipe} recipe, "
+            f"{args.img_size} px, eval {args.eval_size} px) on {device} [{runtime.precision}], "
             f"{world_size} process(es); {len(class_names)} classes, {len(train_set)} train / "
             f"{len(val_set)} val images; {steps_per_epoch} steps of {args.batch_size} per epoch")
     writer = None

@@ -1,5 +1,8 @@
-"""Train and eval pipelines side by side. Every script builds its inputs here, from the settings a
-checkpoint stores (image size, mean, std), so that train, val, ensemble, predict and report agree."""
+"""Train and eval pipelines side by side. Every script builds its eval inputs here, from the settings a
+checkpoint stores (eval_transform_of: eval size, interpolation, crop fraction, mean, std), so that train, val,
+ensemble, predict, report and export agree."""
+import math
+
 import torch
 from PIL import Image
 from torchvision.transforms import v2
@@ -10,48 +13,110 @@ from utils import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-TRAIN_AUGS = ("report", "fused", "fused-gpu")
+TRAIN_AUGS = ("report", "crop-flip", "fused", "fused-gpu")
+AUTO_AUGMENTS = ("none", "trivial")
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 
 
-def train_transform(img_size, *, aug="report", mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """aug: report (the report's chain, on decoded PIL images, as in its torchvision v1 code), fused (the
-    same random maps as one warp from a reduced JPEG decode; it reads the path itself) or fused-gpu (see
-    fused.FusedTrainTransform)."""
+def interpolation_mode(name):
+    if name not in INTERPOLATIONS:
+        raise UserError(f"interpolation '{name}' is not one of {', '.join(INTERPOLATIONS)}")
+    return v2.InterpolationMode(name)
+
+
+def crop_augment(auto_augment="none", random_erase=0.0, mean=IMAGENET_MEAN):
+    """What --auto-augment and --random-erase add to the fused paths: a map of the resized uint8 crop (PIL),
+    before the warp, or None when both are off. RandomErasing fills with the mean colour there, which the
+    normalisation makes 0, as the other paths' erasing after it."""
+    steps = [v2.TrivialAugmentWide()] if auto_augment == "trivial" else []
+    if random_erase:
+        steps += [v2.PILToTensor(), v2.RandomErasing(random_erase, value=[round(255 * m) for m in mean]),
+                  v2.ToPILImage()]
+    return v2.Compose(steps) if steps else None
+
+
+def train_transform(img_size, *, aug="report", mean=IMAGENET_MEAN, std=IMAGENET_STD, auto_augment="none",
+                    random_erase=0.0, interpolation="bilinear"):
+    """aug: report (the report's chain, on decoded PIL images, as in its torchvision v1 code), crop-flip
+    (RandomResizedCrop and flip alone, the usual fine-tuning chain), fused (the report's random maps as one
+    warp from a reduced JPEG decode; it reads the path itself) or fused-gpu (see fused.FusedTrainTransform).
+    auto_augment "trivial" adds TrivialAugmentWide after the geometric steps, random_erase P RandomErasing
+    (probability P) after the normalisation (fused: both on the crop before the warp, see crop_augment)."""
     if aug not in TRAIN_AUGS:
         raise UserError(f"--aug {aug} is not one of {', '.join(TRAIN_AUGS)}")
-    if aug != "report":
-        return FusedTrainTransform(img_size, mean=mean, std=std, device_warp=aug == "fused-gpu")
+    if auto_augment not in AUTO_AUGMENTS:
+        raise UserError(f"--auto-augment {auto_augment} is not one of {', '.join(AUTO_AUGMENTS)}")
+    if not 0 <= random_erase <= 1:
+        raise UserError(f"--random-erase {random_erase} is a probability: use 0 to 1")
+    if aug in ("fused", "fused-gpu"):
+        return FusedTrainTransform(img_size, mean=mean, std=std, device_warp=aug == "fused-gpu",
+                                   crop_augment=crop_augment(auto_augment, random_erase, mean))
+    geometric = [v2.RandomResizedCrop(img_size, interpolation=interpolation_mode(interpolation)),
+                 v2.RandomHorizontalFlip()]
+    if aug == "report":
+        geometric += [v2.RandomAffine(degrees=30), v2.RandomPerspective()]
     return v2.Compose([
-        v2.RandomResizedCrop(img_size),
-        v2.RandomHorizontalFlip(),
-        v2.RandomAffine(degrees=30),
-        v2.RandomPerspective(),
+        *geometric,
+        *([v2.TrivialAugmentWide(interpolation=interpolation_mode(interpolation))] if auto_augment == "trivial"
+          else []),
         v2.ToImage(),
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(mean, std),
+        *([v2.RandomErasing(random_erase)] if random_erase else []),
     ])
 
 
-def eval_transform(img_size, *, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    return EvalTransform(img_size, mean=mean, std=std)
+def eval_transform(img_size, *, mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation="bilinear", crop_pct=None):
+    return EvalTransform(img_size, mean=mean, std=std, interpolation=interpolation, crop_pct=crop_pct)
+
+
+def eval_transform_of(spec):
+    """The eval pipeline of a checkpoint (member or ensemble) or of its spec: its eval_size, interpolation,
+    crop_pct, mean and std (checkpoints.SPEC_KEYS)."""
+    return eval_transform(spec["eval_size"], mean=spec["mean"], std=spec["std"],
+                          interpolation=spec["interpolation"], crop_pct=spec["crop_pct"])
+
+
+def resize_size(img_size, crop_pct):
+    """The resize before the center crop of crop_pct (timm's: floor(img_size / crop_pct) on the shorter side)."""
+    return math.floor(img_size / crop_pct)
 
 
 class EvalTransform:
-    """The report's eval pipeline: resize to img_size x img_size, ToTensor, Normalize. Given a path (as
-    ImageDataset gives it), a JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) that keeps
-    img_size pixels each way, so the same resize reads fewer pixels: about 1.8x faster for 500-1000 px
-    photos at 224, with pixels within about half a level (of 255) of the full decode's on average."""
+    """The eval pipeline: crop_pct None (the report's): resize to img_size x img_size; else timm's: resize the
+    shorter side to floor(img_size / crop_pct), center-crop img_size x img_size; then ToTensor, Normalize.
+    Given a path (as ImageDataset gives it), a JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) that
+    keeps the resize's input size (img_size, or the shorter side's target) each way, so the same resize reads
+    fewer pixels: about 1.8x faster for 500-1000 px photos at 224, with pixels within about half a level (of
+    255) of the full decode's on average."""
     reads_path = True
 
-    def __init__(self, img_size, *, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-        self.img_size = img_size
+    def __init__(self, img_size, *, mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation="bilinear", crop_pct=None):
+        self.img_size, self.crop_pct = img_size, crop_pct
+        mode = interpolation_mode(interpolation)
+        if crop_pct is None:
+            self.draft_size, resize = img_size, [v2.Resize((img_size, img_size), interpolation=mode)]
+        else:
+            if not 0 < crop_pct <= 1:
+                raise UserError(f"crop fraction {crop_pct} must be above 0 and at most 1 (--crop-pct)")
+            self.draft_size = resize_size(img_size, crop_pct)
+            resize = [v2.Resize(self.draft_size, interpolation=mode), v2.CenterCrop(img_size)]
         self.pipeline = v2.Compose([
-            v2.Resize((img_size, img_size)),
+            *resize,
             v2.ToImage(),
             v2.ToDtype(torch.float32, scale=True),
             v2.Normalize(mean, std),
         ])
 
+    def kept_box(self, width, height):
+        """The (left, top, right, bottom) box of a width x height image that the pipeline keeps: all of it, or
+        the part the center crop keeps (report.py draws Grad-CAM maps over that part)."""
+        if self.crop_pct is None:
+            return 0, 0, width, height
+        side = self.img_size * min(width, height) / self.draft_size  # the crop's side in the image's pixels
+        left, top = (width - side) / 2, (height - side) / 2
+        return round(left), round(top), round(left + side), round(top + side)
+
     def __call__(self, source):
         """source: a file's path, or a decoded PIL image (used as it is)."""
-        return self.pipeline(source if isinstance(source, Image.Image) else load_rgb(source, self.img_size))
+        return self.pipeline(source if isinstance(source, Image.Image) else load_rgb(source, self.draft_size))

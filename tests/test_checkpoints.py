@@ -12,20 +12,22 @@ V1_MEMBER_KEYS = ["arch", "args", "best_acc", "best_epoch", "class_names", "ema_
                   "state_dict", "std", "step", "vit_config", "weights"]
 V1_ENSEMBLE_KEYS = ["class_names", "format", "head_state_dict", "img_size", "kind", "mean", "members", "metrics",
                     "std"]
+NEW_IN_3 = ("eval_size", "interpolation", "crop_pct")  # the eval pipeline, stored since imgcls-checkpoint-3
 V1_ENSEMBLE_MEMBER_KEYS = ["arch", "class_names", "img_size", "mean", "model", "sha256", "source", "state_dict",
                            "std", "vit_config", "weights"]
 
 
 def as_version_1(ckpt):
-    """A current checkpoint written back in format 1's key names."""
-    old = dict(ckpt, format="imgcls-checkpoint-1")
+    """A current checkpoint written back in format 1's key names (format 3's eval pipeline keys dropped)."""
+    old = {key: value for key, value in ckpt.items() if key not in NEW_IN_3} | {"format": "imgcls-checkpoint-1"}
     if old["kind"] == "member":
         old["weights"] = "ema" if old.pop("use_ema") else "raw"
         old["partial"] = old.pop("epoch_sums")
         assert old.pop("folds") is None  # format 1 had no --folds
     if old["kind"] == "ensemble":
         assert old.pop("combiner") == "head"  # format 1 had no other
-        old["members"] = [dict(m, weights="ema" if m["use_ema"] else "raw") for m in old["members"]]
+        old["members"] = [{k: v for k, v in m.items() if k not in NEW_IN_3}
+                          | {"weights": "ema" if m["use_ema"] else "raw"} for m in old["members"]]
         for member in old["members"]:
             del member["use_ema"]
     return old

@@ -80,7 +80,8 @@ def test_member_graph_matches_torch_at_any_batch_and_holds_its_task(member_runs,
     model = onnx_runtime.OnnxModel(out)
     assert model.metadata == {**{key: ckpt[key] for key in ("kind", "class_names", "img_size")},
                               "mean": list(ckpt["mean"]), "std": list(ckpt["std"]), "format": onnx_runtime.FORMAT,
-                              "checkpoint": str(ckpt_path), "checkpoint_sha256": utils.file_sha256(ckpt_path)}
+                              "checkpoint": str(ckpt_path), "checkpoint_sha256": utils.file_sha256(ckpt_path),
+                              "eval_size": ckpt["eval_size"], "interpolation": "bilinear", "crop_pct": None}
     reference = torch_logits(ckpt, images)
     assert_matches(model(images[:1]), reference[:1])
     assert_matches(model(images), reference)
