@@ -25,9 +25,11 @@ def as_version_1(ckpt):
         assert old.pop("folds") is None  # format 1 had no --folds
     if old["kind"] == "ensemble":
         assert old.pop("combiner") == "head"  # format 1 had no other
+        assert old.pop("groups") is None  # nor fold members
         old["members"] = [dict(m, weights="ema" if m["use_ema"] else "raw") for m in old["members"]]
         for member in old["members"]:
             del member["use_ema"]
+            assert member.pop("reference") is None  # nor referenced members
     return old
 
 
