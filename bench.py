@@ -9,6 +9,7 @@ field named *ratio* is project / report (or real / synthetic, or onnxruntime / t
     python bench.py predict --onnx   # ... and the same path with the model exported to ONNX (onnxruntime)
     python bench.py ensemble  # ensemble.py's time against the report's stacking (members forward every epoch)
     python bench.py accuracy  # held-out accuracy on real photos (Fashion-MNIST), several seeds: mean and spread
+    python bench.py accuracy --suite oof   # ... of out-of-fold stacking against in-sample stacking
 
 Without --data-dir each command writes real-size JPEGs (500-1000 px a side) into a temporary folder;
 --data-dir DATA uses DATA/train/<class>/* instead (ensemble: a generated demo dataset, or DATA's
@@ -821,7 +822,37 @@ def suite_recipe(args, data_dir, work, seed):
     return row
 
 
-ACCURACY_SUITES = {"members": suite_members, "recipe": suite_recipe}
+OOF_TYPES = ("resnext", "resnext_freeze")
+OOF_FOLDS = 3
+
+
+def suite_oof(args, data_dir, work, seed):
+    """Out-of-fold against in-sample stacking, same member types and recipe: OOF_FOLDS fold runs of each type on
+    the pooled train/ + val/ (--fold-seed = seed) stacked out-of-fold, and plain runs on train/ stacked as
+    ensemble.py always did; test accuracy of each head and of each logit average."""
+    row = {}
+    for model in OOF_TYPES:
+        for fold in range(OOF_FOLDS):
+            train_member(work / f"{model}_fold{fold}", model, data_dir, seed,
+                         [*args.member_flags, "--folds", OOF_FOLDS, "--fold", fold, "--fold-seed", seed])
+        train_member(work / model, model, data_dir, seed, args.member_flags)
+    members = {"oof": [work / f"{model}_fold{fold}" / "best.pt" for model in OOF_TYPES for fold in range(OOF_FOLDS)],
+               "insample": [work / model / "best.pt" for model in OOF_TYPES]}
+    for kind, paths in members.items():
+        for combiner in ("head", "average"):
+            out = work / f"{kind}_{combiner}"
+            # the two combiners share one logits cache: the members run once per kind
+            script("ensemble.py", "--members", *paths, "--data-dir", data_dir, "--out-dir", work / kind,
+                   "--combiner", combiner)
+            metrics = json.loads((work / kind / "metrics.json").read_text())
+            row[f"{kind}_{combiner}_test"] = test_accuracy(work / kind / "ensemble.pt", data_dir, out / "test.csv")
+        # out-of-fold (cross-validated head) or val figures, as ensemble.py estimates them before any test image
+        row[f"{kind}_head_estimate"] = round(metrics["head_val_acc"], 2)
+        row[f"{kind}_average_estimate"] = round(metrics["logit_average_val_acc"], 2)
+    return row
+
+
+ACCURACY_SUITES = {"members": suite_members, "recipe": suite_recipe, "oof": suite_oof}
 
 
 def summarize(rows):
@@ -926,7 +957,8 @@ def get_args_parser():
     p.add_argument("--suite", default="members", choices=sorted(ACCURACY_SUITES),
                    help="members: the three members and their stacked ensemble; recipe: the report's recipe "
                    "against the strong recipe's training parts (resnext, from scratch), each also evaluated at "
-                   f"{EVAL_SCALE}x its train size")
+                   f"{EVAL_SCALE}x its train size; oof: out-of-fold stacking of {OOF_FOLDS}-fold runs of "
+                   f"{' and '.join(OOF_TYPES)} against in-sample stacking of plain runs")
     p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2],
                    help="comma-separated training seeds")
     p.add_argument("--work-dir", type=Path, default=Path("runs/bench-accuracy"), help="data and runs (an "

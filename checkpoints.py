@@ -6,7 +6,8 @@ torch.load(weights_only=True), so that loading one never runs code. Its "kind" i
 - member:   train.py's last.pt / best.pt: the spec (SPEC_KEYS) that rebuilds the model offline, the
             raw and EMA weights, and the training state that resumes the run exactly.
 - ensemble: ensemble.py's ensemble.pt: the task (TASK_KEYS), each member's spec and inference
-            weights, the stacking head.
+            weights (or, for a referenced member, its file's path and SHA-256), the stacking head, and for
+            fold members the groups: which entries are the K fold models of one member type.
 - logits:   ensemble.py's cache of the members' logits.
 
 Files of the previous formats (imgcls-checkpoint-1 and -2) are upgraded when loaded (see upgrade).
@@ -79,7 +80,8 @@ def upgrade(ckpt):
     """A checkpoint of an older format in FORMAT's keys. Format 1: `weights` ("raw"/"ema", member and
     ensemble members) became `use_ema`, `partial` became `epoch_sums`; a member had no `folds`; an ensemble's
     `combiner` was always the head. Formats 1 and 2: the eval pipeline was the report's (eval_size = img_size,
-    bilinear, no crop; REPORT_EVAL), for a member, an ensemble and each of its members."""
+    bilinear, no crop; REPORT_EVAL), for a member, an ensemble and each of its members; an ensemble had no
+    fold members (`groups` None) and embedded every member (`reference` None)."""
     if ckpt["format"] == FORMAT:
         return ckpt
     entries = [ckpt, *(ckpt["members"] if ckpt["kind"] == "ensemble" else [])]
@@ -96,6 +98,10 @@ def upgrade(ckpt):
     if ckpt["kind"] != "logits":  # a logits cache of another format is recomputed (its settings differ)
         for entry in entries:
             entry.update({"eval_size": entry["img_size"], **REPORT_EVAL, **entry})
+    if ckpt["kind"] == "ensemble":
+        ckpt["groups"] = None
+        for entry in ckpt["members"]:
+            entry["reference"] = None
     return dict(ckpt, format=FORMAT)
 
 
@@ -126,14 +132,35 @@ def build_member(spec, state_dict):
     return model
 
 
+def referenced_state_dict(entry):
+    """The inference weights of an ensemble member stored by reference: read from its file, which must be
+    the one ensemble.py hashed."""
+    path = Path(entry["reference"])
+    if not path.is_file():
+        raise UserError(f"ensemble member {path} does not exist (the ensemble references it instead of holding "
+                        "its weights); put the file back, or rerun ensemble.py")
+    if utils.file_sha256(path) != entry["sha256"]:
+        raise UserError(f"ensemble member {path} has changed since ensemble.py referenced it (another SHA-256); "
+                        "put the original back, or rerun ensemble.py with the new file")
+    return inference_state_dict(load(path, kind="member"))
+
+
+def ensemble_member_model(entry):
+    """The model of one ensemble entry, from its embedded or referenced weights."""
+    return build_member(entry, entry["state_dict"] if entry["reference"] is None else referenced_state_dict(entry))
+
+
 def model_from_checkpoint(ckpt):
     """The model a checkpoint (from load) describes, in eval mode, on the CPU. A member uses the weights
-    its training chose for inference."""
+    its training chose for inference. A fold ensemble's members are its groups, each a models.FoldAverage of
+    its fold models."""
     if ckpt["kind"] == "member":
         model = build_member(ckpt, inference_state_dict(ckpt))
     else:
-        model = models.StackingEnsemble([build_member(m, m["state_dict"]) for m in ckpt["members"]],
-                                        len(ckpt["class_names"]))
+        entries = [ensemble_member_model(entry) for entry in ckpt["members"]]
+        members = entries if ckpt["groups"] is None else [
+            models.FoldAverage([entries[i] for i in group["entries"]]) for group in ckpt["groups"]]
+        model = models.StackingEnsemble(members, len(ckpt["class_names"]))
         model.head.load_state_dict(ckpt["head_state_dict"])
     return model.eval()
 
@@ -161,16 +188,25 @@ def member_checkpoint(spec, *, state_dict, ema_state_dict, state, optimizer, sca
 
 
 def ensemble_member(ckpt, source, sha256):
-    """An ensemble's entry for one member checkpoint: its spec and inference weights, and where they came from."""
+    """An ensemble's entry for one member checkpoint: its spec and inference weights, and where they came from
+    (`reference` None: the weights are embedded; see referenced)."""
     return dict(spec_of(ckpt), state_dict=inference_state_dict(ckpt), use_ema=bool(ckpt.get("use_ema")),
-                source=str(source), sha256=sha256)
+                source=str(source), sha256=sha256, reference=None)
 
 
-def ensemble_checkpoint(members, head_state_dict, metrics, combiner="head"):
+def referenced(entry):
+    """The entry without its weights: the ensemble reads them from the member file (absolute path), checked
+    against its SHA-256, whenever it is loaded."""
+    return dict(entry, state_dict=None, reference=str(Path(entry["source"]).resolve()))
+
+
+def ensemble_checkpoint(members, head_state_dict, metrics, combiner="head", groups=None):
     """ensemble.py's ensemble.pt: the members (ensemble_member entries, sharing TASK_KEYS) and the head that
-    combines their logits: the trained one, or (combiner "average") the one equal to their plain average."""
+    combines their logits: the trained one, or (combiner "average") the one equal to their plain average.
+    groups (fold members): [{"model", "arch", "folds", "fold_seed", "entries": indices into members, "fold":
+    each entry's fold}], one per member type, whose fold models' logits are averaged before the head."""
     return {"format": FORMAT, "kind": "ensemble", **task_of(members[0]), "members": members,
-            "head_state_dict": head_state_dict, "combiner": combiner, "metrics": metrics}
+            "head_state_dict": head_state_dict, "combiner": combiner, "groups": groups, "metrics": metrics}
 
 
 def logits_cache(settings, members):

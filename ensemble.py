@@ -10,9 +10,19 @@ average rather than towards zero. Writes ensemble.pt (self-contained: the member
 the head), metrics.json and logits_cache.pt to --out-dir. Every val accuracy comes with its 95% Wilson
 interval, and the ensemble is compared with its best member on the same val images (McNemar's exact test).
 
+Fold members (train.py --folds K --fold I, every fold's best.pt, in any order) are grouped by member type
+(model, arch, ViT config); each group must be one complete cross-validation, the same K and --fold-seed for
+all. Each image of the pooled train/ + val/ then gets, per member type, the logits of the fold model that
+held it out (out-of-fold, eval transform; --views does not apply), and the head learns from those rows. Its
+accuracy is estimated by cross-validation over the same folds (a head trained on K-1 folds' rows predicts
+the remaining fold), then the head of ensemble.pt trains on every row. At test time each member type
+averages its K fold models' logits (models.FoldAverage) before the head.
+
 The logits cache is reused, member by member, while a member file's content (SHA-256) is unchanged and
 the data's file list (relative paths, labels, sizes and modification times), --views, --seed,
 --precision and the members' image size and normalisation are the same; anything else recomputes it.
+--reference-members stores each member's path and SHA-256 instead of its weights (a small ensemble.pt
+that needs the member files, unchanged, wherever it is loaded).
 """
 import argparse
 import hashlib
@@ -43,12 +53,14 @@ def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=utils.HelpFormatter)
     parser.add_argument("--members", type=Path, nargs="+", metavar="PATH", default=DEFAULT_MEMBERS,
                         help="member checkpoints (train.py's best.pt), two or more; they must share class names, "
-                        "image and eval size and preprocessing (normalisation, interpolation, crop)")
+                        "image and eval size and preprocessing (normalisation, interpolation, crop); --folds "
+                        "runs: every fold's best.pt of each member type")
     parser.add_argument("--data-dir", type=Path, default=Path("data"), help="folder with train/ and val/")
     parser.add_argument("--out-dir", type=Path, default=Path("runs/ensemble"),
                         help="writes ensemble.pt, metrics.json and logits_cache.pt here")
     parser.add_argument("--views", type=int, default=1, help="augmented views of each train image whose member "
-                        "logits train the head (each view costs one pass of every member over train)")
+                        "logits train the head (each view costs one pass of every member over train); members "
+                        "trained without --folds only")
     parser.add_argument("--epochs", type=int, default=20, help="head epochs over the stored logits "
                         "(0: keep the plain logit average)")
     parser.add_argument("--lr", type=float, default=1e-2, help="head Adam peak learning rate (cosine to 0)")
@@ -58,6 +70,9 @@ def get_args_parser():
     parser.add_argument("--combiner", default="head", choices=("head", "average"), help="what ensemble.pt "
                         "combines the members' logits with: the trained head (the report's), or their plain "
                         "average (better when the head overfits the train logits)")
+    parser.add_argument("--reference-members", action="store_true", help="store each member's path and SHA-256 "
+                        "in ensemble.pt instead of its weights: a small file that loads only beside the unchanged "
+                        "member files")
     engine.add_inference_args(parser)
     parser.add_argument("--seed", type=int, default=0, help="random seed (train views, head batch order)")
     return parser
@@ -87,19 +102,17 @@ def check_members_exist(paths, defaults):
 
 def load_members(paths):
     """Each member's entry (checkpoints.ensemble_member: spec, inference weights, source path and content
-    hash); they must agree on the task."""
+    hash) and its checkpoint; they must agree on the task."""
     ckpts = [checkpoints.load(path, kind="member") for path in paths]
-    for path, ckpt in zip(paths, ckpts):
-        if ckpt.get("folds"):  # its model trained on most of val/: the head would learn from seen images
-            raise UserError(f"member {path} is a --folds run (fold {ckpt['folds']['fold']} of "
-                            f"{ckpt['folds']['folds']}), trained on part of val/; stack members trained on "
-                            "train/ alone (without --folds)")
     members = [checkpoints.ensemble_member(ckpt, path, utils.file_sha256(path)) for path, ckpt in zip(paths, ckpts)]
     first = members[0]
-    for member in members[1:]:
-        if member["sha256"] == first["sha256"]:
-            raise UserError(f"members {first['source']} and {member['source']} are the same weights; "
+    seen = {}
+    for member in members:
+        if member["sha256"] in seen:
+            raise UserError(f"members {seen[member['sha256']]} and {member['source']} are the same weights; "
                             "list each member once")
+        seen[member["sha256"]] = member["source"]
+    for member in members[1:]:
         for key, value in checkpoints.task_of(first).items():
             if member[key] == value:
                 continue
@@ -114,7 +127,74 @@ def load_members(paths):
             raise UserError(f"members {first['source']} and {member['source']} differ in {what}; "
                             "ensemble only members trained on the same classes with the same --img-size, "
                             "--eval-size and --preprocessing")
-    return members
+    return members, ckpts
+
+
+def cv_text(record):
+    return f"--folds {record['folds']} --fold-seed {record['fold_seed']}"
+
+
+def fold_groups(members, ckpts):
+    """The fold members grouped by member type (model, arch, ViT config), sorted by type so that any order of
+    --members gives the same ensemble: [{"model", "arch", "folds", "fold_seed", "entries": member indices by
+    fold, "fold": their folds}], or None when no member is a --folds run. Each group must be one complete
+    cross-validation (every fold once), all of the same K and --fold-seed, so that every pooled image is held
+    out exactly once per group."""
+    records = [ckpt["folds"] for ckpt in ckpts]
+    if all(record is None for record in records):
+        return None
+    if None in records:
+        plain = members[records.index(None)]["source"]
+        index, record = next((i, r) for i, r in enumerate(records) if r is not None)
+        raise UserError(f"members {plain} (trained on train/) and {members[index]['source']} (fold {record['fold']} "
+                        f"of {record['folds']}) mix a plain run with a --folds run; stack plain runs alone, or "
+                        "every fold's best.pt of each member type")
+    first = records[0]
+    for member, record in zip(members, records):
+        if (record["folds"], record["fold_seed"]) != (first["folds"], first["fold_seed"]):
+            raise UserError(f"members {members[0]['source']} ({cv_text(first)}) and {member['source']} "
+                            f"({cv_text(record)}) come from different cross-validations; every fold run of one "
+                            "ensemble needs the same --folds and --fold-seed")
+    folds = first["folds"]
+    types = {}
+    for index, (member, record) in enumerate(zip(members, records)):
+        key = (member["model"], member["arch"], json.dumps(member["vit_config"], sort_keys=True))
+        types.setdefault(key, {}).setdefault(record["fold"], []).append(index)
+    groups = []
+    for (model, arch, _), by_fold in sorted(types.items()):
+        name = f"member type {model} ({arch})"
+        for fold, indices in sorted(by_fold.items()):
+            if len(indices) > 1:
+                raise UserError(f"{name} has fold {fold} twice ({members[indices[0]]['source']} and "
+                                f"{members[indices[1]]['source']}); pass each fold's best.pt once")
+        missing = [str(fold) for fold in range(folds) if fold not in by_fold]
+        if missing:
+            raise UserError(f"{name} lacks fold{'s' * (len(missing) > 1)} {', '.join(missing)} of {folds} "
+                            f"({cv_text(first)}); pass every fold's best.pt, training the missing ones first")
+        groups.append({"model": model, "arch": arch, "folds": folds, "fold_seed": first["fold_seed"],
+                       "entries": [by_fold[fold][0] for fold in range(folds)], "fold": list(range(folds))})
+    return groups
+
+
+def pooled_folds(data_dir, paths, labels, members, ckpts):
+    """For each pooled image (train/ then val/, as train.py --folds pools them), the fold that holds it out
+    (data.fold_split); every fold member's held-out digest must be its fold's on this data."""
+    record = ckpts[0]["folds"]
+    names = [Path(path).relative_to(data_dir).as_posix() for path in paths]
+    fold_of = torch.empty(len(paths), dtype=torch.int64)
+    digests = []
+    for fold in range(record["folds"]):
+        _, held_out, digest = data.fold_split(names, labels, record["folds"], fold, record["fold_seed"])
+        fold_of[held_out] = fold
+        digests.append(digest)
+    for member, ckpt in zip(members, ckpts):
+        fold = ckpt["folds"]["fold"]
+        if ckpt["folds"]["held_out_sha256"] != digests[fold]:
+            raise UserError(f"member {member['source']} held out other images than fold {fold} of {data_dir}'s "
+                            f"pooled train/ and val/ ({cv_text(ckpt['folds'])}): images were added, removed or "
+                            "became unreadable since it trained, or it trained on other data; point --data-dir "
+                            "at the data it was trained on")
+    return fold_of
 
 
 def data_fingerprint(data_dir, splits):
@@ -165,6 +245,34 @@ def member_logits(todo, train_set, val_set, *, views, batch_size, seed, runtime,
     # labels come from the loader: an image unreadable since the scan is replaced by another, with its label
     return {m["sha256"]: {"train": t, "val": v, "train_labels": train_labels, "val_labels": val_labels}
             for m, t, v in zip(todo, train, val)}
+
+
+def held_out_logits(todo, pool_set, fold_of, *, batch_size, runtime, workers):
+    """Run each fold member of `todo` ((entry, fold) pairs) once, in eval mode, over the pooled images its fold
+    holds out; returns {sha256: {"held_out": (n, C) logits, "index": (n,) their pooled indices}}."""
+    logits = {}
+    for member, fold in todo:
+        index = (fold_of == fold).nonzero().flatten()
+        # the labels are the positions, so that engine.predict_images checks each image is the one asked for
+        dataset = data.ImageDataset([pool_set.paths[i] for i in index], range(len(index)), pool_set.transform)
+        model = checkpoints.build_member(member, member["state_dict"])
+        logits[member["sha256"]] = {"held_out": engine.predict_images(
+            model, dataset, runtime, batch_size=batch_size, workers=workers,
+            desc=f"held-out logits of {member['source']}"), "index": index}
+    return logits
+
+
+def out_of_fold(groups, members, cached, num_images, num_classes):
+    """(G, N, C) logits: row n of group g comes from the fold model of g whose fold held image n out; and (G, N)
+    the fold of the model each row came from."""
+    logits = torch.zeros(len(groups), num_images, num_classes)
+    source_fold = torch.full((len(groups), num_images), -1)
+    for g, group in enumerate(groups):
+        for index, fold in zip(group["entries"], group["fold"]):
+            entry = cached[members[index]["sha256"]]
+            logits[g, entry["index"]] = entry["held_out"]
+            source_fold[g, entry["index"]] = fold
+    return logits, source_fold
 
 
 # ----------------------------------------------------------------------------
@@ -237,7 +345,168 @@ def train_head(head, train_x, train_y, val_x, val_y, *, epochs, lr, weight_decay
     return history
 
 
+def cross_validate_head(x, y, fold_of, folds, num_members, **head_args):
+    """The head's accuracy by cross-validation over the folds: for each fold, a head trained on the rows of the
+    other folds predicts that fold's rows. Returns each row's logits (N, C) from the head that never saw it, and
+    per-epoch rows pooled over the folds (train_loss of the K heads, val_loss and val_acc of their held-out
+    folds together)."""
+    num_classes = x.shape[1] // num_members
+    logits = torch.zeros(len(y), num_classes)
+    histories = []
+    for fold in range(folds):
+        held = fold_of == fold
+        head = averaging_head(num_members, num_classes)
+        histories.append(train_head(head, x[~held][None], y[~held][None], x[held], y[held], **head_args))
+        with torch.no_grad():
+            logits[held] = head(x[held])
+    sizes = [int((fold_of == fold).sum()) for fold in range(folds)]
+    history = []
+    for rows in zip(*histories):
+        right = sum(round(row["val_acc"] * n / 100) for row, n in zip(rows, sizes))
+        history.append({"epoch": rows[0]["epoch"],
+                        "train_loss": sum(row["train_loss"] * (len(y) - n) for row, n in zip(rows, sizes))
+                        / ((folds - 1) * len(y)),
+                        "val_loss": sum(row["val_loss"] * n for row, n in zip(rows, sizes)) / len(y),
+                        **stats.accuracy_fields("val_acc", right, len(y))})
+    return logits, history
+
+
 # ----------------------------------------------------------------------------
+
+def run_cache(cache_path, settings, members, compute):
+    """The members' logits from the cache, computing (compute(todo)) and saving those it lacks; returns (logits
+    per sha256, how many members were computed)."""
+    cached = read_cache(cache_path, settings)
+    todo = [m for m in members if m["sha256"] not in cached]
+    if todo:
+        print(f"logits cache: reused for {len(members) - len(todo)} of {len(members)} members; computing the "
+              f"logits of {', '.join(m['source'] for m in todo)}")
+        cached.update(compute(todo))
+        checkpoints.save(checkpoints.logits_cache(settings, {m["sha256"]: cached[m["sha256"]] for m in members}),
+                         cache_path)
+    else:
+        print(f"logits cache: reused for all {len(members)} members ({cache_path})")
+    return cached, len(todo)
+
+
+def stack_plain(args, members, task, splits, runtime, workers, cache_path, start):
+    """Members trained on train/: the head learns from their logits of --views augmented views of train/ and
+    is scored on val/. Returns (head, metrics, table rows: (name, a dict, the key of its accuracy))."""
+    (train_paths, train_labels), (val_paths, val_labels) = splits["train"], splits["val"]
+    num_classes = len(task["class_names"])
+    norm = {"mean": task["mean"], "std": task["std"]}
+    train_set = data.ImageDataset(train_paths, train_labels, transforms.train_transform(task["img_size"], **norm))
+    val_set = data.ImageDataset(val_paths, val_labels, transforms.eval_transform_of(task))
+    print(f"{len(members)} members, {num_classes} classes, {len(train_set)} train images x {args.views} views, "
+          f"{len(val_set)} val images; {runtime.device} [{runtime.precision}]")
+    settings = {"version": CACHE_VERSION, "views": args.views, "seed": args.seed, "precision": runtime.precision,
+                "data": data_fingerprint(args.data_dir, splits), **task}
+    batch_size = engine.resolve_batch_size(args.batch_size, runtime.device)
+    cached, computed = run_cache(cache_path, settings, members, lambda todo: member_logits(
+        todo, train_set, val_set, views=args.views, batch_size=batch_size, seed=args.seed, runtime=runtime,
+        workers=workers))
+    logits_seconds = time.perf_counter() - start
+    logits = [cached[m["sha256"]] for m in members]
+    train_x = torch.cat([entry["train"] for entry in logits], dim=1).view(args.views, len(train_set), -1)
+    val_x = torch.cat([entry["val"] for entry in logits], dim=1)  # (V, M * C)
+    train_y = logits[0]["train_labels"].view(args.views, len(train_set))
+    val_y = logits[0]["val_labels"]
+
+    head = averaging_head(len(members), num_classes)
+    history = train_head(head, train_x, train_y, val_x, val_y, epochs=args.epochs, lr=args.lr,
+                         weight_decay=args.weight_decay, batch_size=args.head_batch_size, seed=args.seed)
+    with torch.no_grad():
+        head_right = is_right(head(val_x), val_y)
+    member_val = torch.stack([entry["val"] for entry in logits])  # (M, V, C)
+    member_right = is_right(member_val, val_y)  # (M, V)
+    average_right = is_right(member_val.mean(0), val_y)
+    ensemble_right = head_right if args.combiner == "head" else average_right
+    metrics = {
+        "members": [{"path": m["source"], "model": m["model"], "arch": m["arch"], "use_ema": m["use_ema"],
+                     **accuracy_fields("val_acc", right)} for m, right in zip(members, member_right)],
+        **accuracy_fields("logit_average_val_acc", average_right),
+        **accuracy_fields("softmax_average_val_acc", is_right(member_val.softmax(-1).mean(0), val_y)),
+        **accuracy_fields("head_val_acc", head_right), "combiner": args.combiner,
+        **accuracy_fields("val_acc", ensemble_right), "views": args.views, "epochs": args.epochs,
+        "lr": args.lr, "weight_decay": args.weight_decay, "seed": args.seed, "precision": runtime.precision,
+        "device": str(runtime.device), "data_dir": str(args.data_dir), "train_images": len(train_set),
+        "val_images": len(val_set),
+        "paired": paired_comparison(ensemble_right, members, member_right),
+        "cache": {"reused": len(members) - computed, "computed": computed},
+        "seconds": {"logits": logits_seconds, "head": time.perf_counter() - start - logits_seconds},
+        "history": history,
+    }
+    table = [(f"{m['model']} ({m['source']})", row, "val_acc") for m, row in zip(members, metrics["members"])]
+    return head, metrics, table
+
+
+def stack_folds(args, members, ckpts, groups, task, splits, runtime, workers, cache_path, start):
+    """Fold members: the head learns from each pooled image's out-of-fold logits, its accuracy estimated by
+    cross-validation over the folds. Returns (head, metrics, table rows) as stack_plain does; every "val"
+    figure of the metrics is out-of-fold over the pooled images ("evaluation": "out-of-fold")."""
+    if args.views != 1:
+        raise UserError(f"--views {args.views} applies to members trained without --folds; the head of fold "
+                        "members learns from their held-out images' logits (eval transform); leave --views out")
+    (train_paths, train_labels), (val_paths, val_labels) = splits["train"], splits["val"]
+    paths, labels = train_paths + val_paths, train_labels + val_labels
+    fold_of = pooled_folds(args.data_dir, paths, labels, members, ckpts)
+    folds, fold_seed, num_classes = groups[0]["folds"], groups[0]["fold_seed"], len(task["class_names"])
+    pool_set = data.ImageDataset(paths, labels, transforms.eval_transform_of(task))
+    print(f"{len(members)} fold members: {len(groups)} member type{'s' * (len(groups) > 1)} x {folds} folds "
+          f"(--fold-seed {fold_seed}), {num_classes} classes, {len(paths)} pooled train/ and val/ images, each "
+          f"held out by one fold; {runtime.device} [{runtime.precision}]")
+    settings = {"version": CACHE_VERSION, "evaluation": "out-of-fold", "precision": runtime.precision,
+                "data": data_fingerprint(args.data_dir, splits), **task}
+    fold_of_member = {m["sha256"]: ckpt["folds"]["fold"] for m, ckpt in zip(members, ckpts)}
+    cached, computed = run_cache(cache_path, settings, members, lambda todo: held_out_logits(
+        [(m, fold_of_member[m["sha256"]]) for m in todo], pool_set, fold_of,
+        batch_size=engine.resolve_batch_size(args.batch_size, runtime.device), runtime=runtime, workers=workers))
+    logits_seconds = time.perf_counter() - start
+    oof, _ = out_of_fold(groups, members, cached, len(paths), num_classes)  # (G, N, C)
+    y = torch.tensor(labels)
+    x = oof.permute(1, 0, 2).reshape(len(paths), -1)  # (N, G * C), as StackingEnsemble concatenates them
+    head_args = {"epochs": args.epochs, "lr": args.lr, "weight_decay": args.weight_decay,
+                 "batch_size": args.head_batch_size, "seed": args.seed}
+    cv_logits, history = cross_validate_head(x, y, fold_of, folds, len(groups), **head_args)
+    head = averaging_head(len(groups), num_classes)
+    train_head(head, x[None], y[None], x, y, **head_args)  # the head of ensemble.pt: every out-of-fold row
+
+    group_right = is_right(oof, y)  # (G, N)
+    average_right = is_right(oof.mean(0), y)
+    head_right = is_right(cv_logits, y)
+    ensemble_right = head_right if args.combiner == "head" else average_right
+    names = [{"model": g["model"], "source": f"{g['arch']}, {folds} folds"} for g in groups]
+    runs = []
+    for group, right in zip(groups, group_right):
+        fold_runs = []
+        for index, fold in zip(group["entries"], group["fold"]):
+            held = int((fold_of == fold).sum())
+            low, high = stats.accuracy_interval(ckpts[index]["best_acc"], held)
+            fold_runs.append({"fold": fold, "path": members[index]["source"], "sha256": members[index]["sha256"],
+                              "held_out_images": held, "best_val_acc": ckpts[index]["best_acc"],
+                              "best_val_acc_low": low, "best_val_acc_high": high})
+        runs.append({"model": group["model"], "arch": group["arch"], "runs": fold_runs,
+                     **accuracy_fields("oof_acc", right)})
+    metrics = {
+        "evaluation": "out-of-fold",
+        "members": [{"path": name["source"], "model": g["model"], "arch": g["arch"],
+                     **accuracy_fields("val_acc", right)} for name, g, right in zip(names, groups, group_right)],
+        **accuracy_fields("logit_average_val_acc", average_right),
+        **accuracy_fields("softmax_average_val_acc", is_right(oof.softmax(-1).mean(0), y)),
+        **accuracy_fields("head_val_acc", head_right), "combiner": args.combiner,
+        **accuracy_fields("val_acc", ensemble_right), "views": None, "epochs": args.epochs,
+        "lr": args.lr, "weight_decay": args.weight_decay, "seed": args.seed, "precision": runtime.precision,
+        "device": str(runtime.device), "data_dir": str(args.data_dir), "train_images": len(paths),
+        "val_images": len(paths),
+        "folds": {"folds": folds, "fold_seed": fold_seed, "images": len(paths), "groups": runs},
+        "paired": paired_comparison(ensemble_right, names, group_right),
+        "cache": {"reused": len(members) - computed, "computed": computed},
+        "seconds": {"logits": logits_seconds, "head": time.perf_counter() - start - logits_seconds},
+        "history": history,
+    }
+    table = [(f"{name['model']} ({name['source']})", row, "val_acc") for name, row in zip(names, metrics["members"])]
+    return head, metrics, table
+
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
@@ -252,7 +521,8 @@ def main(argv=None):
     cache_path = args.out_dir / "logits_cache.pt"
 
     # ----------------------------------------------------------------- members and data
-    members = load_members(member_paths)
+    members, ckpts = load_members(member_paths)
+    groups = fold_groups(members, ckpts)
     task = checkpoints.task_of(members[0])
     class_names, num_classes = task["class_names"], len(task["class_names"])
     train_paths, train_labels, found = data.load_split(args.data_dir, "train")
@@ -260,89 +530,50 @@ def main(argv=None):
         raise UserError(f"{args.data_dir / 'train'} has other classes than the members ({len(found)} vs "
                         f"{num_classes}, or another order); point --data-dir at the data they were trained on")
     val_paths, val_labels, _ = data.load_split(args.data_dir, "val", class_names)
-    norm = {"mean": task["mean"], "std": task["std"]}
-    train_set = data.ImageDataset(train_paths, train_labels, transforms.train_transform(task["img_size"], **norm))
-    val_set = data.ImageDataset(val_paths, val_labels, transforms.eval_transform_of(task))
-    print(f"{len(members)} members, {num_classes} classes, {len(train_set)} train images x {args.views} views, "
-          f"{len(val_set)} val images; {runtime.device} [{runtime.precision}]")
+    splits = {"train": (train_paths, train_labels), "val": (val_paths, val_labels)}
 
-    # ------------------------------------------------------------------ logits (cached)
-    settings = {"version": CACHE_VERSION, "views": args.views, "seed": args.seed, "precision": runtime.precision,
-                "data": data_fingerprint(args.data_dir, {"train": (train_paths, train_labels),
-                                                         "val": (val_paths, val_labels)}), **task}
-    cached = read_cache(cache_path, settings)
-    todo = [m for m in members if m["sha256"] not in cached]
-    if todo:
-        print(f"logits cache: reused for {len(members) - len(todo)} of {len(members)} members; computing the "
-              f"logits of {', '.join(m['source'] for m in todo)}")
-        cached.update(member_logits(todo, train_set, val_set, views=args.views,
-                                    batch_size=engine.resolve_batch_size(args.batch_size, runtime.device),
-                                    seed=args.seed, runtime=runtime, workers=workers))
-        checkpoints.save(checkpoints.logits_cache(settings, {m["sha256"]: cached[m["sha256"]] for m in members}),
-                         cache_path)
+    # ------------------------------------------------------------ logits (cached) and head
+    if groups is None:
+        head, metrics, table = stack_plain(args, members, task, splits, runtime, workers, cache_path, start)
     else:
-        print(f"logits cache: reused for all {len(members)} members ({cache_path})")
-    logits_seconds = time.perf_counter() - start
-    logits = [cached[m["sha256"]] for m in members]
-    train_x = torch.cat([entry["train"] for entry in logits], dim=1).view(args.views, len(train_set), -1)
-    val_x = torch.cat([entry["val"] for entry in logits], dim=1)  # (V, M * C)
-    train_y = logits[0]["train_labels"].view(args.views, len(train_set))
-    val_y = logits[0]["val_labels"]
-
-    # ---------------------------------------------------------------------- head
-    head = averaging_head(len(members), num_classes)
-    history = train_head(head, train_x, train_y, val_x, val_y, epochs=args.epochs, lr=args.lr,
-                         weight_decay=args.weight_decay, batch_size=args.head_batch_size, seed=args.seed)
-    with torch.no_grad():
-        head_right = is_right(head(val_x), val_y)
-    member_val = torch.stack([entry["val"] for entry in logits])  # (M, V, C)
-    member_right = is_right(member_val, val_y)  # (M, V)
-    average_right = is_right(member_val.mean(0), val_y)
-    ensemble_right = head_right if args.combiner == "head" else average_right
+        head, metrics, table = stack_folds(args, members, ckpts, groups, task, splits, runtime, workers, cache_path,
+                                           start)
     if args.combiner == "average":
-        head = averaging_head(len(members), num_classes)
-    metrics = {
-        "members": [{"path": m["source"], "model": m["model"], "arch": m["arch"], "use_ema": m["use_ema"],
-                     **accuracy_fields("val_acc", right)} for m, right in zip(members, member_right)],
-        **accuracy_fields("logit_average_val_acc", average_right),
-        **accuracy_fields("softmax_average_val_acc", is_right(member_val.softmax(-1).mean(0), val_y)),
-        **accuracy_fields("head_val_acc", head_right), "combiner": args.combiner,
-        **accuracy_fields("val_acc", ensemble_right), "views": args.views, "epochs": args.epochs,
-        "lr": args.lr, "weight_decay": args.weight_decay, "seed": args.seed, "precision": runtime.precision,
-        "device": str(runtime.device), "data_dir": str(args.data_dir), "train_images": len(train_set),
-        "val_images": len(val_set),
-        "paired": paired_comparison(ensemble_right, members, member_right),
-        "cache": {"reused": len(members) - len(todo), "computed": len(todo)},
-        "seconds": {"logits": logits_seconds, "head": time.perf_counter() - start - logits_seconds},
-        "history": history,
-    }
+        head = averaging_head(len(groups or members), num_classes)
 
     # ---------------------------------------------------------------------- save
     metrics["seconds"]["total"] = time.perf_counter() - start
-    checkpoints.save(checkpoints.ensemble_checkpoint(members, head.state_dict(), metrics, args.combiner),
+    entries = [checkpoints.referenced(m) for m in members] if args.reference_members else members
+    checkpoints.save(checkpoints.ensemble_checkpoint(entries, head.state_dict(), metrics, args.combiner, groups),
                      args.out_dir / "ensemble.pt")
     utils.atomic_write_json(args.out_dir / "metrics.json", metrics)
 
-    width = max(len(m["source"]) for m in members) + 16
-    head_name = f"stacking head ({args.epochs} epoch{'s' if args.epochs != 1 else ''})"
-    table = [(f"{m['model']} ({m['source']})", row, "val_acc") for m, row in zip(members, metrics["members"])]
+    folded = groups is not None
+    scored = f"out-of-fold on the {metrics['val_images']} pooled images" if folded else "val"
+    head_name = f"stacking head ({args.epochs} epoch{'s' if args.epochs != 1 else ''}" + \
+        (f", {groups[0]['folds']}-fold CV)" if folded else ")")
     table += [("logit average", metrics, "logit_average_val_acc"),
               ("softmax average", metrics, "softmax_average_val_acc"), (head_name, metrics, "head_val_acc")]
-    print(f"\n{'model':<{width}} val acc (%)  95% Wilson interval")
+    width = max(len(name) for name, *_ in table) + 2
+    print(f"\n{'model':<{width}} {'acc (%)':>8}  95% Wilson interval ({scored})")
     for name, values, key in table:
         interval = stats.interval_text(values[f"{key}_low"], values[f"{key}_high"])
-        print(f"{name:<{width}} {values[key]:11.2f}  {interval}")
+        print(f"{name:<{width}} {values[key]:8.2f}  {interval}")
     combiner = "stacking head" if args.combiner == "head" else "logit average"
     paired, best = metrics["paired"], metrics["paired"]["best_member"]
-    print(f"\npaired on the same {len(val_set)} val images: " + stats.paired_text(
-        f"the ensemble ({combiner})", f"its best member, {best['model']} ({best['path']}),",
+    rows = "out-of-fold rows (the head's from cross-validation)" if folded else "val images"
+    print(f"\npaired on the same {metrics['val_images']} {rows}: " + stats.paired_text(
+        f"the ensemble ({combiner})", f"its best member{' type' * folded}, {best['model']} ({best['path']}),",
         paired["ensemble_right_member_wrong"], paired["ensemble_wrong_member_right"], paired["mcnemar_p"]))
-    print(f"\nsaved {args.out_dir / 'ensemble.pt'} ({combiner}) and metrics.json ({metrics['seconds']['total']:.1f}s)")
+    stored = f", referencing its {len(members)} member files" if args.reference_members else ""
+    print(f"\nsaved {args.out_dir / 'ensemble.pt'} ({combiner}{stored}) and metrics.json "
+          f"({metrics['seconds']['total']:.1f}s)")
     head_acc, average_acc = metrics["head_val_acc"], metrics["logit_average_val_acc"]
     if args.combiner == "head" and head_acc < average_acc:
-        warnings.warn(f"the trained head ({head_acc:.2f}) is below the plain logit average ({average_acc:.2f}) on "
-                      "val: it learned the members' train logits, not their val behaviour; --combiner average "
-                      "makes ensemble.pt use the average", stacklevel=1)
+        why = ("by cross-validation over the folds" if folded else
+               "on val: it learned the members' train logits, not their val behaviour")
+        warnings.warn(f"the trained head ({head_acc:.2f}) is below the plain logit average ({average_acc:.2f}) "
+                      f"{why}; --combiner average makes ensemble.pt use the average", stacklevel=1)
     return metrics
 
 

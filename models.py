@@ -317,3 +317,14 @@ class StackingEnsemble(nn.Module):
 
     def forward(self, x):
         return self.head(self.member_logits(x))
+
+
+class FoldAverage(nn.Module):
+    """One member type of a K-fold ensemble at test time: the mean of its K fold models' logits."""
+
+    def __init__(self, fold_models):
+        super().__init__()
+        self.folds = nn.ModuleList(fold_models)
+
+    def forward(self, x):  # (B, 3, H, W) -> (B, C)
+        return torch.stack([model(x) for model in self.folds]).mean(0)

@@ -124,9 +124,23 @@ def read_metrics(path):
                 "combiner": metrics.get("combiner", "head"),
                 "val_acc": float(metrics.get("val_acc", metrics["head_val_acc"])),
                 "head_history": metrics.get("history") or [], "data_dir": metrics.get("data_dir"),
-                "val_images": metrics.get("val_images"), "paired": read_paired(metrics.get("paired"))}, None
+                "val_images": metrics.get("val_images"), "paired": read_paired(metrics.get("paired")),
+                "folds": read_folds(metrics.get("folds"))}, None
     except (KeyError, TypeError, ValueError) as error:
         return None, f"metrics.json lacks or mangles {error}"
+
+
+def read_folds(folds):
+    """metrics.json's cross-validation of a fold ensemble (None: a plain ensemble): per member type, each fold
+    run's best val accuracy on its held-out fold and the type's out-of-fold accuracy."""
+    if folds is None:
+        return None
+    return {"folds": int(folds["folds"]), "fold_seed": int(folds["fold_seed"]), "images": int(folds["images"]),
+            "groups": [{"model": str(group["model"]), "arch": str(group["arch"]), "oof_acc": float(group["oof_acc"]),
+                        "runs": [{"fold": int(run["fold"]), "path": str(run["path"]),
+                                  "held_out_images": int(run["held_out_images"]),
+                                  "best_val_acc": float(run["best_val_acc"])} for run in group["runs"]]}
+                       for group in folds["groups"]]}
 
 
 def read_paired(paired):
@@ -209,15 +223,17 @@ def read_ensemble_run(folder):
            "best_val_acc": None, "checkpoint": str(folder / "ensemble.pt"), "data_dir": None,
            "members": [], "unfreeze": None, "logit_average": None, "softmax_average": None, "head": None,
            "head_epochs": None, "combiner": None, "history": [], "section_starts": [], "val_images": None,
-           "paired": None}
+           "paired": None, "folds": None}
     if metrics is not None:
         run.update(members=metrics["members"], logit_average=metrics["logit_average"],
                    softmax_average=metrics["softmax_average"], head=metrics["head"], combiner=metrics["combiner"],
                    best_val_acc=metrics["val_acc"],
                    head_epochs=metrics["head_epochs"], history=metrics["head_history"], data_dir=metrics["data_dir"],
-                   val_images=metrics["val_images"], paired=metrics["paired"])
+                   val_images=metrics["val_images"], paired=metrics["paired"], folds=metrics["folds"])
         for member in run["members"]:
             with_interval(member, "val_acc", run["val_images"])
+        if run["folds"]:
+            run.update(fold_tables=fold_tables(run["folds"]), oof=oof_rows(run))
     return run
 
 
@@ -476,9 +492,52 @@ def paired_sentence(run):
     paired = run["paired"]
     best = with_interval({"val_acc": paired["member_val_acc"]}, "val_acc", run["val_images"])
     combiner = "trained head" if run["combiner"] == "head" else "logit average"
-    return (f"Paired on the same {run['val_images']} val images: " + stats.paired_text(
-        f"the ensemble ({combiner})", f"its best member, {paired['member']} ({fmt_acc(best, 'val_acc')}),",
+    images = "out-of-fold rows of the pooled images" if run["folds"] else "val images"
+    member = "member type" if run["folds"] else "member"
+    return (f"Paired on the same {run['val_images']} {images}: " + stats.paired_text(
+        f"the ensemble ({combiner})", f"its best {member}, {paired['member']} ({fmt_acc(best, 'val_acc')}),",
         paired["ensemble_only"], paired["member_only"], paired["p"]) + ".")
+
+
+def fold_tables(folds):
+    """Per member type of a fold ensemble: a row per fold (its run's best val accuracy on its held-out fold,
+    with interval) and the mean and sample standard deviation over the folds."""
+    tables = []
+    for group in folds["groups"]:
+        rows = [with_interval({"fold": run["fold"], "path": run["path"], "images": run["held_out_images"],
+                               "val_acc": run["best_val_acc"]}, "val_acc", run["held_out_images"])
+                for run in group["runs"]]
+        accs = np.array([row["val_acc"] for row in rows])
+        tables.append({"model": group["model"], "arch": group["arch"], "rows": rows, "mean": float(accs.mean()),
+                       "sd": float(accs.std(ddof=1)) if len(accs) > 1 else 0.0})
+    return tables
+
+
+def oof_rows(run):
+    """The out-of-fold accuracies of a fold ensemble over its pooled images: each member type's, the logit
+    average's and the head's (cross-validated), with intervals."""
+    folds = run["folds"]
+    rows = [{"what": f"{group['model']} ({group['arch']}, {folds['folds']} folds)", "val_acc": group["oof_acc"]}
+            for group in folds["groups"]]
+    rows += [{"what": "logit average", "val_acc": run["logit_average"]},
+             {"what": f"trained head (cross-validated over the {folds['folds']} folds)", "val_acc": run["head"]}]
+    return [with_interval(row, "val_acc", folds["images"]) for row in rows]
+
+
+def render_folds(run):
+    folds = run["folds"]
+    lines = ["", f"## Cross-validation: {run['name']}", "",
+             f"{folds['folds']} folds (--fold-seed {folds['fold_seed']}) of the {folds['images']} pooled train/ and "
+             "val/ images. Each fold run's best val accuracy is measured on its own held-out fold:"]
+    for table in run["fold_tables"]:
+        lines += ["", f"{table['model']} ({table['arch']}): mean {table['mean']:.2f}, standard deviation "
+                  f"{table['sd']:.2f} over the folds.", "",
+                  md_table(["Fold", "Run", "Held-out images", "Best Validation Acc."],
+                           [[r["fold"], r["path"], r["images"], fmt_acc(r, "val_acc")] for r in table["rows"]])]
+    lines += ["", f"Out-of-fold accuracy over the {folds['images']} pooled images (each image predicted by the fold "
+              "models that held it out; the head's by a head trained on the other folds' rows):", "",
+              md_table(["Model", "Out-of-fold Acc."], [[r["what"], fmt_acc(r, "val_acc")] for r in run["oof"]])]
+    return lines
 
 
 def md_table(header, rows):
@@ -501,12 +560,15 @@ def summary_rows(runs):
                    "val_acc": run["best_val_acc"], "best_epoch": run["best_epoch"]}
             rows.append(with_interval(row, "val_acc", run["val_images"]))
         else:
-            head = f"trained head ({run['head_epochs']} epochs)" if run["head_epochs"] is not None else "trained head"
+            about = [f"{run['head_epochs']} epochs"] if run["head_epochs"] is not None else []
+            about += ["cross-validated"] if run["folds"] else []
+            head = f"trained head ({', '.join(about)})" if about else "trained head"
             used = {"head": "head", "average": "logit_average"}.get(run["combiner"]) if run["status"] == "complete" \
                 else None
             for what, key in (("logit average", "logit_average"), ("softmax average", "softmax_average"),
                               (head, "head")):
                 what += ", in ensemble.pt" if key == used else ""
+                what += ", out-of-fold" if run["folds"] and key != "head" else ""
                 row = {"model": f"ensemble: {what}", "run": run["name"], "status": status_cell(run), "epochs": "",
                        "val_acc": run[key], "best_epoch": None}
                 rows.append(with_interval(row, "val_acc", run["val_images"]))
@@ -547,10 +609,14 @@ def render(runs_dir, runs, summary, files, analysed, notes):
                         r["best_epoch"] or ""] for r in summary])]
     for run in runs:
         if run["kind"] == "ensemble" and run["members"]:
-            lines += ["", f"Members of {run['name']}, measured on val by ensemble.py: "
+            where = "out-of-fold" if run["folds"] else "on val"
+            lines += ["", f"Members of {run['name']}, measured {where} by ensemble.py: "
                       + ", ".join(f"{m['model']} {fmt_acc(m, 'val_acc')} ({m['path']})" for m in run["members"]) + "."]
         if run["kind"] == "ensemble" and run["paired"]:
             lines += ["", paired_sentence(run)]
+    for run in runs:
+        if run.get("fold_tables"):
+            lines += render_folds(run)
     for run in runs:
         if run["unfreeze"]:
             ema = "best_ema_val_acc" in run["unfreeze"][0]
@@ -632,6 +698,14 @@ def main(argv=None):
             source = "--data-dir" if args.data_dir else f"the data of run {analysed_run['path']}"
             raise UserError(f"{data_dir / 'val'} ({source}) does not exist; pass --data-dir DATA, "
                             "the folder with the val/ images the runs were trained on")
+        if analysed_run.get("folds") and args.cam:
+            raise UserError(f"--cam {args.cam}: the analysed model {analysed_run['checkpoint']} is a fold ensemble, "
+                            "whose member types each average K fold models, so there is no one map per member; "
+                            "leave --cam out, or run report.py --cam on a folder without the fold ensemble")
+        if analysed_run.get("folds"):
+            caveats.append("Its fold models trained on most of these val images (each on all folds of the pooled "
+                           "train/ and val/ but its own), so the val figures of this section are in-sample; the "
+                           "out-of-fold accuracies above are the honest estimate.")
 
     # ------------------------------------------------------------------ figures
     stem = out.with_suffix("")
@@ -643,6 +717,10 @@ def main(argv=None):
         elif run["kind"] == "ensemble" and not run["history"]:
             notes.append(f"{run['name']}: no head training curve in its metrics.json "
                          f"({run['reason'] or 'the head trained 0 epochs'}).")
+        elif run["kind"] == "ensemble" and run["folds"]:
+            notes.append(f"{run['name']}: the row of the ensemble head shows, per head epoch, the cross-validation "
+                         "heads' loss on the out-of-fold logits of their training folds, and their loss and accuracy "
+                         "on the folds they held out, pooled.")
         elif run["kind"] == "ensemble":
             notes.append(f"{run['name']}: the row of the ensemble head shows its loss on the members' stored "
                          "train logits and its val loss and accuracy, per head epoch.")

@@ -55,3 +55,31 @@ def member_runs(demo_dir, tiny_vit_dir, tmp_path_factory):
         run_script("train.py", "--model", name, "--data-dir", demo_dir, "--out-dir", runs / name,
                    "--epochs", "2", *TINY_TRAIN, *flags)
     return {name: runs / name for name in extra}
+
+
+FOLD_TYPES = {"resnext": (), "resnext_freeze": ("--unfreeze", "0:layer4")}
+
+
+@pytest.fixture(scope="session")
+def fold_runs(demo_dir, tmp_path_factory):
+    """2-fold cross-validation (--fold-seed 0) of two member types on the demo data, 1 epoch each, trained in
+    this process: {(model name, fold): run dir}. Read-only."""
+    import signal
+
+    import torch
+
+    import train
+    runs = tmp_path_factory.mktemp("fold_runs")
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the subprocess trainings run
+    try:
+        for name, flags in FOLD_TYPES.items():
+            for fold in range(2):
+                train.main(["--model", name, "--data-dir", demo_dir, "--out-dir", runs / f"{name}_fold{fold}",
+                            "--epochs", "1", "--folds", "2", "--fold", fold, "--no-tensorboard", *TINY_TRAIN, *flags])
+    finally:
+        torch.set_num_threads(threads)
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    return {(name, fold): runs / f"{name}_fold{fold}" for name in FOLD_TYPES for fold in range(2)}

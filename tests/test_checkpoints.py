@@ -26,10 +26,12 @@ def as_version_1(ckpt):
         assert old.pop("folds") is None  # format 1 had no --folds
     if old["kind"] == "ensemble":
         assert old.pop("combiner") == "head"  # format 1 had no other
+        assert old.pop("groups") is None  # nor fold members
         old["members"] = [{k: v for k, v in m.items() if k not in NEW_IN_3}
                           | {"weights": "ema" if m["use_ema"] else "raw"} for m in old["members"]]
         for member in old["members"]:
             del member["use_ema"]
+            assert member.pop("reference") is None  # nor referenced members
     return old
 
 

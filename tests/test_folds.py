@@ -73,11 +73,13 @@ def test_bad_fold_flags_are_one_line_errors(fold_data, tmp_path, flags):
     assert not (tmp_path / "run" / "last.pt").exists()
 
 
-def test_ensemble_refuses_a_fold_run(fold_data, member_runs, tmp_path):
+def test_ensemble_refuses_a_fold_run_mixed_with_a_plain_run(fold_data, member_runs, tmp_path):
     import ensemble
     out = tmp_path / "run"
     fold_run(fold_data, out, "--epochs", "1")
-    with pytest.raises(UserError, match=r"member .*last.pt is a --folds run \(fold 1 of 3\), trained on part of"):
+    with pytest.raises(UserError, match=r"^members .*resnext/best.pt \(trained on train/\) and .*last.pt \(fold 1 of "
+                       r"3\) mix a plain run with a --folds run; stack plain runs alone, or every fold's best.pt of "
+                       "each member type$"):
         ensemble.main([str(a) for a in ("--members", member_runs["resnext"] / "best.pt", out / "last.pt",
                                         "--data-dir", fold_data, "--out-dir", tmp_path / "ens")])
     assert not (tmp_path / "ens" / "ensemble.pt").exists()
