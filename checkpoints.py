@@ -70,8 +70,8 @@ def load(path, kind=None):
 
 def upgrade(ckpt):
     """A checkpoint of format 1 in FORMAT's key names: `weights` ("raw"/"ema", member and ensemble
-    members) became `use_ema`, `partial` became `epoch_sums`; a member had no `folds`; an ensemble's
-    `combiner` was always the head."""
+    members) became `use_ema`, `partial` became `epoch_sums`; a member had no `folds` nor `teacher`; an
+    ensemble's `combiner` was always the head."""
     if ckpt["format"] == FORMAT:
         return ckpt
     for entry in [ckpt, *(ckpt["members"] if ckpt["kind"] == "ensemble" else [])]:
@@ -81,6 +81,7 @@ def upgrade(ckpt):
         ckpt["epoch_sums"] = ckpt.pop("partial")
     if ckpt["kind"] == "member":
         ckpt["folds"] = None  # format 1 had no --folds
+        ckpt["teacher"] = None  # nor --teacher
     if ckpt["kind"] == "ensemble":
         ckpt["combiner"] = "head"
     return dict(ckpt, format=FORMAT)
@@ -134,14 +135,16 @@ def member_spec(model, name, arch, class_names, img_size, mean, std):
                                 models.vit_config_of(model))))
 
 
-def member_checkpoint(spec, *, state_dict, ema_state_dict, state, optimizer, scaler, rng, args, folds=None):
+def member_checkpoint(spec, *, state_dict, ema_state_dict, state, optimizer, scaler, rng, args, folds=None,
+                      teacher=None):
     """train.py's last.pt: the spec, the weights (ema_state_dict None without --ema), the TrainState, the
-    optimizer, scaler and every rank's RNG state, the run's flags (plain values) and, for a --folds run,
-    its fold ({"folds", "fold", "fold_seed", "held_out_sha256"}; None otherwise)."""
+    optimizer, scaler and every rank's RNG state, the run's flags (plain values), for a --folds run its
+    fold ({"folds", "fold", "fold_seed", "held_out_sha256"}; None otherwise) and, for a --teacher run, the
+    teacher's file and settings ({"path", "kind", "sha256", "alpha", "temp"}; None otherwise)."""
     return {"format": FORMAT, "kind": "member", **spec, "state_dict": state_dict, "ema_state_dict": ema_state_dict,
             **asdict(state), "optimizer": optimizer, "scaler": scaler, "rng": rng,
             "args": {key: str(value) if isinstance(value, Path) else value for key, value in args.items()},
-            "folds": folds}
+            "folds": folds, "teacher": teacher}
 
 
 def ensemble_member(ckpt, source, sha256):
