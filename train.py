@@ -444,6 +444,10 @@ def main(argv=None):
         log(f"{args.model} ({args.arch}, {config['params'] / 1e6:.2f}M params) on {device} [{runtime.precision}], "
             f"{world_size} process(es); {len(class_names)} classes, {len(train_set)} train / "
             f"{len(val_set)} val images; {steps_per_epoch} steps of {args.batch_size} per epoch")
+        if teacher is not None:
+            log(f"distilling from --teacher {args.teacher} ({teacher_record['kind']}, SHA-256 "
+                f"{teacher_record['sha256'][:12]}...): loss = {args.distill_alpha:g} x T^2 KL at T = "
+                f"{args.distill_temp:g} + {1 - args.distill_alpha:g} x label loss")
     writer = None
     if is_main and args.tensorboard:
         # events an earlier process logged after the last.pt resumed from are dropped by TensorBoard

@@ -227,3 +227,12 @@ def test_bench_distill_prints_the_three_rates(capsys):
     assert min(row[f"{name}_teacher_img_s"] for name in ("none", "member", "ensemble")) > 0
     assert {key for key in row if "ratio" in key} == {"member_teacher_over_none_ratio",
                                                       "ensemble_teacher_over_none_ratio"}
+
+
+@pytest.mark.filterwarnings("ignore:the smoothed loss never fell")  # 4 steps: the suggestion means nothing
+def test_find_lr_steps_with_the_teacher(member_runs, tiny_dir, tmp_path, monkeypatch, capsys):
+    record, _ = record_training(monkeypatch)
+    train.main(distil_flags(tiny_dir, tmp_path / "run", member_runs["resnext"] / "best.pt", "--find-lr",
+                            "--find-lr-steps", "4"))
+    assert len(record["teacher"]) == 4 and (tmp_path / "run" / "lr_find.csv").is_file()
+    assert "suggested --lr" in capsys.readouterr().out
