@@ -4,6 +4,7 @@ field named *ratio* is project / report (or real / synthetic, or onnxruntime / t
 
     python bench.py data   # train pipeline images/s: per core (one process) and with N DataLoader workers
     python bench.py train  # training images/s: synthetic input (the compute ceiling) and real files
+    python bench.py distill   # training images/s without a teacher, with a member and a 3-member ensemble teacher
     python bench.py gpu    # ResNeXt101_32x8d on a CUDA GPU, real files, projected time of the whole report
     python bench.py predict   # test-set inference images/s: predict.py's path against a per-image loop
     python bench.py predict --onnx   # ... and the same path with the model exported to ONNX (onnxruntime)
@@ -45,6 +46,7 @@ import cache
 import checkpoints
 import data
 import demo_data
+import distill
 import engine
 import ensemble
 import fashion_mnist
@@ -306,14 +308,15 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def project_step(model, runtime, img_size, forward_model=None):
+def project_step(model, runtime, img_size, forward_model=None, teacher=None):
     """One optimizer step as train.py takes it (engine.train_step): autocast at the runtime's precision, in
-    its memory format, the loss kept on the device (no host sync per step). Batches of (uint8 images, maps)
-    from the fused-gpu pipeline are warped on the device first (fused.warp_on_device)."""
+    its memory format, the loss kept on the device (no host sync per step), distilled from `teacher` (a
+    distill.Teacher) when given. Batches of (uint8 images, maps) from the fused-gpu pipeline are warped on
+    the device first (fused.warp_on_device)."""
     training = engine.Training(model, forward_model or model, torch.optim.SGD(model.parameters(), lr=1e-3,
                                                                               momentum=0.9),
                                torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision == "fp16"),
-                               nn.CrossEntropyLoss(), runtime)
+                               nn.CrossEntropyLoss(), runtime, teacher=teacher)
     warp = functools.partial(fused.warp_on_device, img_size=img_size, mean=transforms.IMAGENET_MEAN,
                              std=transforms.IMAGENET_STD, device=runtime.device, memory_format=runtime.memory_format)
 
@@ -456,6 +459,40 @@ def run_train(args):
               "real_project_over_report_ratio": round(real["project"] / real["report"], 2),
               "report_real_over_synthetic_ratio": round(real["report"] / synthetic["report"], 2),
               "project_real_over_synthetic_ratio": round(real["project"] / synthetic["project"], 2)})
+
+
+# ----------------------------------------------------------------------------
+# distill: what a teacher adds to a training step
+
+def run_distill(args):
+    """Training images/s (synthetic batches, train.py's runtime defaults) of one student without a teacher,
+    with a teacher of its own size (a member) and with a stacked ensemble of three such members, the three
+    steps taking turns; every network has the same arch and random weights."""
+    runtime = engine.resolve_runtime(args.device)
+    device, num_classes = runtime.device, 100
+    emit(environment(device))
+    spec = {"img_size": args.img_size, "mean": transforms.IMAGENET_MEAN, "std": transforms.IMAGENET_STD}
+
+    def network():
+        return runtime.place(models.build_model("resnext", args.arch, num_classes, weights="none"))
+    teachers = {"none": None, "member": distill.Teacher(network(), spec, spec),
+                "ensemble": distill.Teacher(models.StackingEnsemble([network() for _ in range(3)], num_classes).to(
+                    device), spec, spec)}
+    first = network()
+    initial, params = first.state_dict(), models.count_params(first)
+    runs = {}
+    for name, teacher in teachers.items():
+        student = network()
+        student.load_state_dict(initial)
+        runs[name] = (project_step(student.train(), runtime, args.img_size, teacher=teacher),
+                      synthetic_batches(args.batch_size, args.img_size, num_classes, device))
+    rates = interleaved_rates(runs, args.steps, args.warmup, device)
+    emit({"bench": "distill", "arch": args.arch, "img_size": args.img_size, "batch_size": args.batch_size,
+          "steps": args.steps, "device": str(device), "precision": runtime.precision,
+          "student_params_millions": round(params / 1e6, 2),
+          **{f"{name}_teacher_img_s": round(rate, 2) for name, rate in rates.items()},
+          "member_teacher_over_none_ratio": round(rates["member"] / rates["none"], 2),
+          "ensemble_teacher_over_none_ratio": round(rates["ensemble"] / rates["none"], 2)})
 
 
 # ----------------------------------------------------------------------------
@@ -852,7 +889,26 @@ def suite_oof(args, data_dir, work, seed):
     return row
 
 
-ACCURACY_SUITES = {"members": suite_members, "recipe": suite_recipe, "oof": suite_oof}
+def suite_distill(args, data_dir, work, seed):
+    """Distillation: the members suite, then a resnext student with the members' flags distilled from their
+    stacked ensemble (--teacher). The student alone is the suite's resnext member (same flags and seed: only
+    the loss differs). With --distill-epochs N, the student alone and distilled again, trained N epochs."""
+    row = suite_members(args, data_dir, work, seed)
+    teacher = work / "ensemble" / "ensemble.pt"
+    runs = [("distilled", ["--teacher", teacher])]
+    if args.distill_epochs:
+        epochs = ["--epochs", args.distill_epochs]
+        runs += [(f"resnext_{args.distill_epochs}ep", epochs),
+                 (f"distilled_{args.distill_epochs}ep", [*epochs, "--teacher", teacher])]
+    for name, flags in runs:
+        best = train_member(work / name, "resnext", data_dir, seed, [*args.member_flags, *flags])
+        row[f"{name}_val"] = val_accuracy(best)
+        row[f"{name}_test"] = test_accuracy(best, data_dir, work / name / "test.csv")
+    return row
+
+
+ACCURACY_SUITES = {"members": suite_members, "recipe": suite_recipe, "oof": suite_oof,
+                   "distill": suite_distill}
 
 
 def summarize(rows):
@@ -908,6 +964,18 @@ def get_args_parser():
     p.add_argument("--warmup", type=int, default=1, help="unmeasured steps before them")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="device")
 
+    p = sub.add_parser("distill", formatter_class=fmt, help="training images/s without a teacher, with a "
+                       "member teacher and with a 3-member ensemble teacher (synthetic input)",
+                       description="training images/s of engine.train_step on synthetic batches without a "
+                       "teacher, with a teacher of the student's size and with a stacked ensemble of three, "
+                       "the steps taking turns (random weights, same arch)")
+    p.add_argument("--arch", default="resnet10t", help="timm ResNet-family network of student and teachers")
+    p.add_argument("--img-size", type=int, default=224, help="image size of student and teachers")
+    p.add_argument("--batch-size", type=int, default=REPORT_BATCH, help="batch size")
+    p.add_argument("--steps", type=int, default=4, help="measured steps of each loop")
+    p.add_argument("--warmup", type=int, default=1, help="unmeasured steps before them")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="device")
+
     p = add("gpu", "ResNeXt101_32x8d on a CUDA GPU: synthetic and real-file training images/s, projected "
             "time of the report's full run", files=2048)
     p.add_argument("--arch", default=models.DEFAULT_ARCH, help="timm ResNet-family network (random init)")
@@ -958,7 +1026,8 @@ def get_args_parser():
                    help="members: the three members and their stacked ensemble; recipe: the report's recipe "
                    "against the strong recipe's training parts (resnext, from scratch), each also evaluated at "
                    f"{EVAL_SCALE}x its train size; oof: out-of-fold stacking of {OOF_FOLDS}-fold runs of "
-                   f"{' and '.join(OOF_TYPES)} against in-sample stacking of plain runs")
+                   f"{' and '.join(OOF_TYPES)} against in-sample stacking of plain runs; distill: those of "
+                   "members, and a resnext student distilled from that ensemble")
     p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2],
                    help="comma-separated training seeds")
     p.add_argument("--work-dir", type=Path, default=Path("runs/bench-accuracy"), help="data and runs (an "
@@ -968,6 +1037,8 @@ def get_args_parser():
     p.add_argument("--train-per-class", type=int, default=500, help="train images per class")
     p.add_argument("--val-per-class", type=int, default=100, help="val images per class")
     p.add_argument("--test-per-class", type=int, default=300, help="test images per class")
+    p.add_argument("--distill-epochs", type=int, default=0, help="distill: also train the student alone and "
+                   "distilled for this many epochs (Beyer et al.'s patient student; 0: skip)")
     p.add_argument("--member-flags", nargs=argparse.REMAINDER, default=ACCURACY_MEMBER_FLAGS,
                    help="train.py flags of every member (last on the line)")
     return parser
@@ -986,7 +1057,7 @@ def main(argv=None):
         if args.cache_size < args.img_size:
             raise UserError(f"--cache-size {args.cache_size} is below --img-size {args.img_size}; use at least "
                             f"{args.img_size} (default: {2 * args.img_size})")
-    {"data": run_data, "train": run_train, "gpu": run_gpu, "predict": run_predict,
+    {"data": run_data, "train": run_train, "distill": run_distill, "gpu": run_gpu, "predict": run_predict,
      "ensemble": run_ensemble, "accuracy": run_accuracy}[args.command](args)
 
 

@@ -80,8 +80,8 @@ def upgrade(ckpt):
     """A checkpoint of an older format in FORMAT's keys. Format 1: `weights` ("raw"/"ema", member and
     ensemble members) became `use_ema`, `partial` became `epoch_sums`; a member had no `folds`; an ensemble's
     `combiner` was always the head. Formats 1 and 2: the eval pipeline was the report's (eval_size = img_size,
-    bilinear, no crop; REPORT_EVAL), for a member, an ensemble and each of its members; an ensemble had no
-    fold members (`groups` None) and embedded every member (`reference` None)."""
+    bilinear, no crop; REPORT_EVAL), for a member, an ensemble and each of its members; a member had no
+    `teacher`; an ensemble had no fold members (`groups` None) and embedded every member (`reference` None)."""
     if ckpt["format"] == FORMAT:
         return ckpt
     entries = [ckpt, *(ckpt["members"] if ckpt["kind"] == "ensemble" else [])]
@@ -98,6 +98,8 @@ def upgrade(ckpt):
     if ckpt["kind"] != "logits":  # a logits cache of another format is recomputed (its settings differ)
         for entry in entries:
             entry.update({"eval_size": entry["img_size"], **REPORT_EVAL, **entry})
+    if ckpt["kind"] == "member":
+        ckpt["teacher"] = None
     if ckpt["kind"] == "ensemble":
         ckpt["groups"] = None
         for entry in ckpt["members"]:
@@ -177,14 +179,16 @@ def member_spec(model, name, arch, class_names, img_size, mean, std, eval_size=N
                                 None if crop_pct is None else float(crop_pct))))
 
 
-def member_checkpoint(spec, *, state_dict, ema_state_dict, state, optimizer, scaler, rng, args, folds=None):
+def member_checkpoint(spec, *, state_dict, ema_state_dict, state, optimizer, scaler, rng, args, folds=None,
+                      teacher=None):
     """train.py's last.pt: the spec, the weights (ema_state_dict None without --ema), the TrainState, the
-    optimizer, scaler and every rank's RNG state, the run's flags (plain values) and, for a --folds run,
-    its fold ({"folds", "fold", "fold_seed", "held_out_sha256"}; None otherwise)."""
+    optimizer, scaler and every rank's RNG state, the run's flags (plain values), for a --folds run its
+    fold ({"folds", "fold", "fold_seed", "held_out_sha256"}; None otherwise) and, for a --teacher run, the
+    teacher's file and settings ({"path", "kind", "sha256", "alpha", "temp"}; None otherwise)."""
     return {"format": FORMAT, "kind": "member", **spec, "state_dict": state_dict, "ema_state_dict": ema_state_dict,
             **asdict(state), "optimizer": optimizer, "scaler": scaler, "rng": rng,
             "args": {key: str(value) if isinstance(value, Path) else value for key, value in args.items()},
-            "folds": folds}
+            "folds": folds, "teacher": teacher}
 
 
 def ensemble_member(ckpt, source, sha256):

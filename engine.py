@@ -128,6 +128,9 @@ class Training:
     prepare_images: Optional[Callable] = None  # a loader batch's images -> device tensor (default runtime.images)
     # MixUp/CutMix on the device batch, before train_step: (images, labels) -> (mixed images, soft targets)
     mix: Optional[Callable] = None
+    teacher: Optional[Callable] = None  # frozen, eval mode: the student's device batch -> logits (distillation)
+    distill_alpha: float = 1.0  # weight of the distillation term; 1 - alpha weighs the hard-label loss
+    distill_temp: float = 1.0
 
 
 class NonFiniteError(Exception):
@@ -138,11 +141,26 @@ class NonFiniteError(Exception):
         self.what, self.epoch, self.step = what, epoch, step
 
 
+def distill_loss(logits, teacher_logits, temp):
+    """T^2 KL(softmax(teacher / T) || softmax(student / T)), averaged over the batch, in fp32 (Hinton et al.:
+    the T^2 keeps the gradient's scale independent of T)."""
+    return temp * temp * F.kl_div(F.log_softmax(logits.float() / temp, dim=1),
+                                  F.log_softmax(teacher_logits.float() / temp, dim=1),
+                                  reduction="batchmean", log_target=True)
+
+
 def train_step(training, images, targets):
-    """One optimisation step on a device batch; returns the loss and logits, detached (no host sync)."""
+    """One optimisation step on a device batch; returns the loss and logits, detached (no host sync). With
+    a teacher the loss is alpha * distill_loss + (1 - alpha) * the criterion's, the teacher seeing these
+    very images (mixed ones too) under the same autocast."""
     with training.runtime.autocast():
         logits = training.forward_model(images)
         loss = training.criterion(logits, targets)
+        if training.teacher is not None:
+            with torch.no_grad():
+                teacher_logits = training.teacher(images)
+            alpha = training.distill_alpha
+            loss = alpha * distill_loss(logits, teacher_logits, training.distill_temp) + (1 - alpha) * loss
     training.optimizer.zero_grad(set_to_none=True)
     training.scaler.scale(loss).backward()
     training.scaler.step(training.optimizer)

@@ -35,6 +35,7 @@ from tqdm import tqdm
 import cache
 import checkpoints
 import data
+import distill
 import engine
 import fused
 import lr_finder
@@ -134,6 +135,13 @@ def get_args_parser():
                         "statistics of frozen stages fixed (the report let them update)")
     parser.add_argument("--ema", action="store_true", help="keep an EMA of the weights, evaluated and saved too")
     parser.add_argument("--ema-decay", type=float, default=0.9998, help="EMA decay per step")
+    parser.add_argument("--teacher", help="distil from this ensemble.pt or member best.pt/last.pt (frozen, "
+                        "fed the student's augmented batch): the loss becomes --distill-alpha x the KL term plus "
+                        "the rest x the label loss (default: no teacher)")
+    parser.add_argument("--distill-alpha", type=float, default=1.0, help="--teacher: weight of the distillation "
+                        "term, 0 to 1 (1: the teacher alone, as Beyer et al. 2022)")
+    parser.add_argument("--distill-temp", type=float, default=1.0, help="--teacher: softmax temperature T of "
+                        "KL(teacher || student), scaled by T^2")
     parser.add_argument("--seed", type=int, default=0, help="random seed (data order, augmentation, init)")
     parser.add_argument("--folds", type=int, default=0, help="K-fold cross-validation: pool train/ and val/, split "
                         "them into K stratified folds, train on K-1 and validate on --fold (0: off, the "
@@ -176,6 +184,15 @@ def explicit_flags(argv):
     for action in parser._actions:
         action.default = argparse.SUPPRESS
     return set(vars(parser.parse_args(argv)))
+
+
+def check_distill(args, given):
+    if args.teacher is None and {"distill_alpha", "distill_temp"} & given:
+        raise UserError("--distill-alpha and --distill-temp need --teacher")
+    if not 0 <= args.distill_alpha <= 1:
+        raise UserError(f"--distill-alpha {args.distill_alpha} must be from 0 to 1")
+    if not args.distill_temp > 0:
+        raise UserError(f"--distill-temp {args.distill_temp} must be above 0")
 
 
 def check_find_lr(args):
@@ -311,9 +328,10 @@ def forward_model(model, args, world_size, local_rank, device):
     return torch.compile(model) if args.compile else model
 
 
-def save_last(out_dir, spec, training, state, args, is_main, writer=None, folds=None):
-    """Write out_dir/last.pt (rank 0; every rank calls this, for the RNG gather). Returns its path. The
-    TensorBoard writer is flushed first, so that the event files always reach as far as last.pt."""
+def save_last(out_dir, spec, training, state, args, is_main, writer=None, folds=None, teacher=None):
+    """Write out_dir/last.pt (rank 0; every rank calls this, for the RNG gather), with the --teacher record
+    (distill.read_teacher; the teacher's weights are never saved). Returns its path. The TensorBoard writer
+    is flushed first, so that the event files always reach as far as last.pt."""
     rng = utils.gather_rng()
     if not is_main:
         return None
@@ -323,7 +341,7 @@ def save_last(out_dir, spec, training, state, args, is_main, writer=None, folds=
     ckpt = checkpoints.member_checkpoint(spec, state_dict=training.model.state_dict(), ema_state_dict=ema,
                                          state=state, optimizer=training.optimizer.state_dict(),
                                          scaler=training.scaler.state_dict(), rng=rng, args=vars(args),
-                                         folds=folds)
+                                         folds=folds, teacher=teacher)
     checkpoints.save(ckpt, out_dir / "last.pt")
     return out_dir / "last.pt"
 
@@ -397,7 +415,13 @@ def main(argv=None):
     args = get_args_parser().parse_args(argv)
     if args.find_lr:
         check_find_lr(args)
-    args, ckpt = resolve_args(args, explicit_flags(argv))
+    given = explicit_flags(argv)
+    args, ckpt = resolve_args(args, given)
+    check_distill(args, given)
+    teacher_ckpt, teacher_record = None, None
+    if args.teacher is not None:  # a bad file fails here, before the data scan
+        teacher_ckpt, teacher_record = distill.read_teacher(args.teacher, alpha=args.distill_alpha,
+                                                            temp=args.distill_temp, resumed=ckpt)
     rank, world_size, local_rank = utils.init_distributed()
     is_main = rank == 0
     log = print if is_main else (lambda *a, **k: None)
@@ -448,6 +472,10 @@ def main(argv=None):
     runtime.place(model)
     spec = checkpoints.member_spec(model, args.model, args.arch, class_names, args.img_size, mean, std,
                                    args.eval_size, args.interpolation, args.crop_pct)
+    teacher = None
+    if teacher_ckpt is not None:  # each rank its own copy, outside DDP
+        teacher = distill.build_teacher(teacher_ckpt, args.teacher, class_names, spec, runtime, args.data_dir)
+        del teacher_ckpt
     freeze = models.parse_unfreeze(args.unfreeze) if args.model == "resnext_freeze" else None
     sections = models.section_bounds(freeze, args.epochs) if freeze else [(1, args.epochs)]
     section_starts = [first for first, _ in sections[1:]]
@@ -470,7 +498,8 @@ def main(argv=None):
         mix = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=args.label_smoothing,
                     num_classes=len(class_names))
         criterion = SoftTargetCrossEntropy()
-    training = engine.Training(model, model, optimizer, scaler, criterion, runtime, ema, prepare_images, mix)
+    training = engine.Training(model, model, optimizer, scaler, criterion, runtime, ema, prepare_images, mix,
+                               teacher, args.distill_alpha, args.distill_temp)
     if args.find_lr:
         find_lr(args, training, freeze, train_loader, sampler, out_dir)
         return
@@ -506,6 +535,10 @@ def main(argv=None):
             f"{args.img_size} px, eval {args.eval_size} px) on {device} [{runtime.precision}], "
             f"{world_size} process(es); {len(class_names)} classes, {len(train_set)} train / "
             f"{len(val_set)} val images; {steps_per_epoch} steps of {args.batch_size} per epoch")
+        if teacher is not None:
+            log(f"distilling from --teacher {args.teacher} ({teacher_record['kind']}, SHA-256 "
+                f"{teacher_record['sha256'][:12]}...): loss = {args.distill_alpha:g} x T^2 KL at T = "
+                f"{args.distill_temp:g} + {1 - args.distill_alpha:g} x label loss")
     writer = None
     if is_main and args.tensorboard:
         # events an earlier process logged after the last.pt resumed from are dropped by TensorBoard
@@ -532,7 +565,7 @@ def main(argv=None):
                 lr_at=functools.partial(lr_at, args, sections, steps_per_epoch, epoch), start_step=state.step,
                 epoch_sums=state.epoch_sums, log_every=args.log_every, save_every=args.save_every, stop=stop,
                 save_partial=lambda step, sums: save_last(out_dir, spec, training, dataclasses.replace(
-                    state, step=step, epoch_sums=sums), args, is_main, writer, folds),
+                    state, step=step, epoch_sums=sums), args, is_main, writer, folds, teacher_record),
                 on_log=None if writer is None else lambda step, figures: tensorboard_log.log_step(
                     writer, (epoch - 1) * steps_per_epoch + step, figures),
                 progress=is_main, desc=f"epoch {epoch}/{args.epochs}")
@@ -567,7 +600,7 @@ def main(argv=None):
         if improved:
             state.best_acc, state.best_epoch = epoch_acc, epoch
         state.epoch, state.step, state.epoch_sums, state.use_ema = epoch, 0, None, use_ema
-        path = save_last(out_dir, spec, training, state, args, is_main, writer, folds)
+        path = save_last(out_dir, spec, training, state, args, is_main, writer, folds, teacher_record)
         if writer is not None:  # after last.pt: a resumed run never logs this epoch again
             tensorboard_log.log_epoch(writer, row)
         if is_main:

@@ -120,3 +120,21 @@ class EvalTransform:
     def __call__(self, source):
         """source: a file's path, or a decoded PIL image (used as it is)."""
         return self.pipeline(source if isinstance(source, Image.Image) else load_rgb(source, self.draft_size))
+
+
+def renormalize(images, source, target):
+    """A device batch made by source's pipeline (normalised with its mean/std at its img_size), as target's
+    would give it: un-normalised, resized to target's img_size (bilinear, antialiased), normalised with
+    target's mean/std. source and target: dicts (specs, checkpoints) with img_size, mean and std. The same
+    tensor when they agree."""
+    size, mean, std = (target[key] for key in ("img_size", "mean", "std"))
+    if size == source["img_size"] and list(mean) == list(source["mean"]) and list(std) == list(source["std"]):
+        return images
+
+    def column(values):
+        return torch.tensor(values, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    pixels = images * column(source["std"]) + column(source["mean"])
+    if size != source["img_size"]:
+        pixels = torch.nn.functional.interpolate(pixels, size=(size, size), mode="bilinear", align_corners=False,
+                                                 antialias=True)
+    return (pixels - column(mean)) / column(std)

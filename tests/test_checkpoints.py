@@ -24,6 +24,7 @@ def as_version_1(ckpt):
         old["weights"] = "ema" if old.pop("use_ema") else "raw"
         old["partial"] = old.pop("epoch_sums")
         assert old.pop("folds") is None  # format 1 had no --folds
+        assert old.pop("teacher") is None  # nor --teacher
     if old["kind"] == "ensemble":
         assert old.pop("combiner") == "head"  # format 1 had no other
         assert old.pop("groups") is None  # nor fold members
