@@ -209,7 +209,10 @@ def test_reference_members_round_trip_and_a_changed_or_missing_file(fold_ensembl
 def test_an_ensemble_written_before_fold_members_still_loads(fold_ensemble, tmp_path):
     out, _ = fold_ensemble
     ckpt = checkpoints.load(out / "ensemble.pt")
-    old = dict(ckpt, members=[{k: v for k, v in m.items() if k != "reference"} for m in ckpt["members"][:2]])
+    # format 2: no groups, no references, no stored eval pipeline
+    dropped = ("reference", "eval_size", "interpolation", "crop_pct")
+    old = dict(ckpt, format="imgcls-checkpoint-2",
+               members=[{k: v for k, v in m.items() if k not in dropped} for m in ckpt["members"][:2]])
     del old["groups"]
     old["head_state_dict"] = ensemble.averaging_head(2, 16).state_dict()
     torch.save(old, tmp_path / "old.pt")
