@@ -102,9 +102,14 @@ def check_members_exist(paths, defaults):
 
 def load_members(paths):
     """Each member's entry (checkpoints.ensemble_member: spec, inference weights, source path and content
-    hash) and its checkpoint; they must agree on the task."""
-    ckpts = [checkpoints.load(path, kind="member") for path in paths]
-    members = [checkpoints.ensemble_member(ckpt, path, utils.file_sha256(path)) for path, ckpt in zip(paths, ckpts)]
+    hash) and what its run says of itself ({"folds": its fold record or None, "best_acc"}); they must agree
+    on the task. Checkpoints are read one at a time, keeping only the inference weights of each (not its
+    optimizer and other training state)."""
+    members, runs = [], []
+    for path in paths:
+        ckpt = checkpoints.load(path, kind="member")
+        members.append(checkpoints.ensemble_member(ckpt, path, utils.file_sha256(path)))
+        runs.append({"folds": ckpt["folds"], "best_acc": ckpt["best_acc"]})
     first = members[0]
     seen = {}
     for member in members:
@@ -127,20 +132,20 @@ def load_members(paths):
             raise UserError(f"members {first['source']} and {member['source']} differ in {what}; "
                             "ensemble only members trained on the same classes with the same --img-size, "
                             "--eval-size and --preprocessing")
-    return members, ckpts
+    return members, runs
 
 
 def cv_text(record):
     return f"--folds {record['folds']} --fold-seed {record['fold_seed']}"
 
 
-def fold_groups(members, ckpts):
+def fold_groups(members, runs):
     """The fold members grouped by member type (model, arch, ViT config), sorted by type so that any order of
     --members gives the same ensemble: [{"model", "arch", "folds", "fold_seed", "entries": member indices by
     fold, "fold": their folds}], or None when no member is a --folds run. Each group must be one complete
     cross-validation (every fold once), all of the same K and --fold-seed, so that every pooled image is held
     out exactly once per group."""
-    records = [ckpt["folds"] for ckpt in ckpts]
+    records = [run["folds"] for run in runs]
     if all(record is None for record in records):
         return None
     if None in records:
@@ -176,10 +181,10 @@ def fold_groups(members, ckpts):
     return groups
 
 
-def pooled_folds(data_dir, paths, labels, members, ckpts):
+def pooled_folds(data_dir, paths, labels, members, runs):
     """For each pooled image (train/ then val/, as train.py --folds pools them), the fold that holds it out
     (data.fold_split); every fold member's held-out digest must be its fold's on this data."""
-    record = ckpts[0]["folds"]
+    record = runs[0]["folds"]
     names = [Path(path).relative_to(data_dir).as_posix() for path in paths]
     fold_of = torch.empty(len(paths), dtype=torch.int64)
     digests = []
@@ -187,11 +192,11 @@ def pooled_folds(data_dir, paths, labels, members, ckpts):
         _, held_out, digest = data.fold_split(names, labels, record["folds"], fold, record["fold_seed"])
         fold_of[held_out] = fold
         digests.append(digest)
-    for member, ckpt in zip(members, ckpts):
-        fold = ckpt["folds"]["fold"]
-        if ckpt["folds"]["held_out_sha256"] != digests[fold]:
+    for member, run in zip(members, runs):
+        fold = run["folds"]["fold"]
+        if run["folds"]["held_out_sha256"] != digests[fold]:
             raise UserError(f"member {member['source']} held out other images than fold {fold} of {data_dir}'s "
-                            f"pooled train/ and val/ ({cv_text(ckpt['folds'])}): images were added, removed or "
+                            f"pooled train/ and val/ ({cv_text(run['folds'])}): images were added, removed or "
                             "became unreadable since it trained, or it trained on other data; point --data-dir "
                             "at the data it was trained on")
     return fold_of
@@ -440,7 +445,7 @@ def stack_plain(args, members, task, splits, runtime, workers, cache_path, start
     return head, metrics, table
 
 
-def stack_folds(args, members, ckpts, groups, task, splits, runtime, workers, cache_path, start):
+def stack_folds(args, members, runs, groups, task, splits, runtime, workers, cache_path, start):
     """Fold members: the head learns from each pooled image's out-of-fold logits, its accuracy estimated by
     cross-validation over the folds. Returns (head, metrics, table rows) as stack_plain does; every "val"
     figure of the metrics is out-of-fold over the pooled images ("evaluation": "out-of-fold")."""
@@ -449,7 +454,7 @@ def stack_folds(args, members, ckpts, groups, task, splits, runtime, workers, ca
                         "members learns from their held-out images' logits (eval transform); leave --views out")
     (train_paths, train_labels), (val_paths, val_labels) = splits["train"], splits["val"]
     paths, labels = train_paths + val_paths, train_labels + val_labels
-    fold_of = pooled_folds(args.data_dir, paths, labels, members, ckpts)
+    fold_of = pooled_folds(args.data_dir, paths, labels, members, runs)
     folds, fold_seed, num_classes = groups[0]["folds"], groups[0]["fold_seed"], len(task["class_names"])
     pool_set = data.ImageDataset(paths, labels, transforms.eval_transform_of(task))
     print(f"{len(members)} fold members: {len(groups)} member type{'s' * (len(groups) > 1)} x {folds} folds "
@@ -457,7 +462,7 @@ def stack_folds(args, members, ckpts, groups, task, splits, runtime, workers, ca
           f"held out by one fold; {runtime.device} [{runtime.precision}]")
     settings = {"version": CACHE_VERSION, "evaluation": "out-of-fold", "precision": runtime.precision,
                 "data": data_fingerprint(args.data_dir, splits), **task}
-    fold_of_member = {m["sha256"]: ckpt["folds"]["fold"] for m, ckpt in zip(members, ckpts)}
+    fold_of_member = {m["sha256"]: run["folds"]["fold"] for m, run in zip(members, runs)}
     cached, computed = run_cache(cache_path, settings, members, lambda todo: held_out_logits(
         [(m, fold_of_member[m["sha256"]]) for m in todo], pool_set, fold_of,
         batch_size=engine.resolve_batch_size(args.batch_size, runtime.device), runtime=runtime, workers=workers))
@@ -476,17 +481,17 @@ def stack_folds(args, members, ckpts, groups, task, splits, runtime, workers, ca
     head_right = is_right(cv_logits, y)
     ensemble_right = head_right if args.combiner == "head" else average_right
     names = [{"model": g["model"], "source": f"{g['arch']}, {folds} folds"} for g in groups]
-    runs = []
+    type_rows = []
     for group, right in zip(groups, group_right):
         fold_runs = []
         for index, fold in zip(group["entries"], group["fold"]):
             held = int((fold_of == fold).sum())
-            low, high = stats.accuracy_interval(ckpts[index]["best_acc"], held)
+            low, high = stats.accuracy_interval(runs[index]["best_acc"], held)
             fold_runs.append({"fold": fold, "path": members[index]["source"], "sha256": members[index]["sha256"],
-                              "held_out_images": held, "best_val_acc": ckpts[index]["best_acc"],
+                              "held_out_images": held, "best_val_acc": runs[index]["best_acc"],
                               "best_val_acc_low": low, "best_val_acc_high": high})
-        runs.append({"model": group["model"], "arch": group["arch"], "runs": fold_runs,
-                     **accuracy_fields("oof_acc", right)})
+        type_rows.append({"model": group["model"], "arch": group["arch"], "runs": fold_runs,
+                          **accuracy_fields("oof_acc", right)})
     metrics = {
         "evaluation": "out-of-fold",
         "members": [{"path": name["source"], "model": g["model"], "arch": g["arch"],
@@ -498,7 +503,7 @@ def stack_folds(args, members, ckpts, groups, task, splits, runtime, workers, ca
         "lr": args.lr, "weight_decay": args.weight_decay, "seed": args.seed, "precision": runtime.precision,
         "device": str(runtime.device), "data_dir": str(args.data_dir), "train_images": len(paths),
         "val_images": len(paths),
-        "folds": {"folds": folds, "fold_seed": fold_seed, "images": len(paths), "groups": runs},
+        "folds": {"folds": folds, "fold_seed": fold_seed, "images": len(paths), "groups": type_rows},
         "paired": paired_comparison(ensemble_right, names, group_right),
         "cache": {"reused": len(members) - computed, "computed": computed},
         "seconds": {"logits": logits_seconds, "head": time.perf_counter() - start - logits_seconds},
@@ -521,8 +526,8 @@ def main(argv=None):
     cache_path = args.out_dir / "logits_cache.pt"
 
     # ----------------------------------------------------------------- members and data
-    members, ckpts = load_members(member_paths)
-    groups = fold_groups(members, ckpts)
+    members, runs = load_members(member_paths)
+    groups = fold_groups(members, runs)
     task = checkpoints.task_of(members[0])
     class_names, num_classes = task["class_names"], len(task["class_names"])
     train_paths, train_labels, found = data.load_split(args.data_dir, "train")
@@ -536,7 +541,7 @@ def main(argv=None):
     if groups is None:
         head, metrics, table = stack_plain(args, members, task, splits, runtime, workers, cache_path, start)
     else:
-        head, metrics, table = stack_folds(args, members, ckpts, groups, task, splits, runtime, workers, cache_path,
+        head, metrics, table = stack_folds(args, members, runs, groups, task, splits, runtime, workers, cache_path,
                                            start)
     if args.combiner == "average":
         head = averaging_head(len(groups or members), num_classes)
