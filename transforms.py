@@ -13,7 +13,7 @@ from utils import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-TRAIN_AUGS = ("report", "crop-flip", "fused", "fused-gpu")
+TRAIN_AUGS = ("report", "fused", "fused-gpu", "crop-flip")
 AUTO_AUGMENTS = ("none", "trivial")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 
