@@ -1,8 +1,12 @@
 import os
+import signal
 import sys
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -10,8 +14,11 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import checkpoints  # noqa: E402
 import demo_data  # noqa: E402
 import models  # noqa: E402
+import train  # noqa: E402
+import utils  # noqa: E402
 
 TINY_VIT = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
                 image_size=32, patch_size=16)
@@ -42,6 +49,70 @@ def run_script(*args, check=True, env=None, timeout=600):
     return result
 
 
+# ----------------------------------------------------------------------------
+# training in this process, and what tests of interrupted runs compare
+
+TIMING = ("seconds", "images_per_s")
+
+
+def train_here(cmd):
+    """Run a train.py command line in this process (no interpreter start-up), on one thread like the
+    subprocesses (so that results are bit-identical to theirs); its signal handlers are put back after."""
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train.main(cmd[2:])
+    finally:
+        torch.set_num_threads(threads)
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+
+
+def without_timing(rows):
+    return [{k: v for k, v in row.items() if k not in TIMING} for row in rows]
+
+
+def csv_holds(out_dir, rows):
+    """history.csv has exactly these rows (to the CSV's decimal precision; timing columns aside)."""
+    csv, expected = pd.read_csv(out_dir / "history.csv"), pd.DataFrame(rows)
+    columns = [c for c in expected.columns if c not in TIMING]
+    return (len(rows) > 0 and list(csv.columns) == list(expected.columns) and len(csv) == len(expected)
+            and np.allclose(csv[columns], expected[columns], rtol=1e-12, atol=0))
+
+
+def assert_same_run(out_dir, reference):
+    """The run in out_dir ended bit-identical to the uninterrupted reference run."""
+    for name in ("last.pt", "best.pt"):
+        got, want = checkpoints.load(out_dir / name), checkpoints.load(reference / name)
+        assert (got["epoch"], got["step"], got["best_epoch"]) == (want["epoch"], want["step"], want["best_epoch"])
+        assert got["state_dict"].keys() == want["state_dict"].keys()
+        for key, value in want["state_dict"].items():
+            assert torch.equal(got["state_dict"][key], value), f"{name}: {key} differs"
+        for index, state in want["optimizer"]["state"].items():
+            assert torch.equal(got["optimizer"]["state"][index]["momentum_buffer"], state["momentum_buffer"])
+        assert without_timing(got["history"]) == without_timing(want["history"])
+        if name == "last.pt":
+            assert csv_holds(out_dir, got["history"])
+    assert not list(out_dir.glob(".*.tmp"))
+
+
+class Killed(Exception):
+    """Raised right after a checkpoint is written: leaves the disk as a kill -9 at that instant would."""
+
+
+SAVE = utils.atomic_save_torch
+
+
+def die_after_save(monkeypatch, epoch, step):
+    def save_then_die(state, path):
+        SAVE(state, path)
+        if (state["epoch"], state["step"]) == (epoch, step):
+            raise Killed
+
+    monkeypatch.setattr(utils, "atomic_save_torch", save_then_die)
+
+
 TINY_TRAIN = ("--arch", "resnet10t", "--weights", "none", "--img-size", "32", "--workers", "0")
 
 
@@ -64,22 +135,10 @@ FOLD_TYPES = {"resnext": (), "resnext_freeze": ("--unfreeze", "0:layer4")}
 def fold_runs(demo_dir, tmp_path_factory):
     """2-fold cross-validation (--fold-seed 0) of two member types on the demo data, 1 epoch each, trained in
     this process: {(model name, fold): run dir}. Read-only."""
-    import signal
-
-    import torch
-
-    import train
     runs = tmp_path_factory.mktemp("fold_runs")
-    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the subprocess trainings run
-    try:
-        for name, flags in FOLD_TYPES.items():
-            for fold in range(2):
-                train.main(["--model", name, "--data-dir", demo_dir, "--out-dir", runs / f"{name}_fold{fold}",
-                            "--epochs", "1", "--folds", "2", "--fold", fold, "--no-tensorboard", *TINY_TRAIN, *flags])
-    finally:
-        torch.set_num_threads(threads)
-        for signum, handler in handlers.items():
-            signal.signal(signum, handler)
+    for name, flags in FOLD_TYPES.items():
+        for fold in range(2):
+            train_here(["python", "train.py", "--model", name, "--data-dir", demo_dir, "--out-dir",
+                        runs / f"{name}_fold{fold}", "--epochs", "1", "--folds", "2", "--fold", fold,
+                        "--no-tensorboard", *TINY_TRAIN, *flags])
     return {(name, fold): runs / f"{name}_fold{fold}" for name in FOLD_TYPES for fold in range(2)}

@@ -17,8 +17,7 @@ import models
 import train
 import transforms
 import utils
-from conftest import TINY_TRAIN
-from test_reliability import SAVE, Killed, assert_same_run, die_after_save, train_here
+from conftest import SAVE, TINY_TRAIN, Killed, assert_same_run, die_after_save, train_here
 from utils import UserError
 
 CLASSES = demo_data.DEMO_CLASSES

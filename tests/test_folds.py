@@ -5,8 +5,7 @@ import pytest
 import checkpoints
 import data
 import demo_data
-from conftest import TINY_TRAIN
-from test_reliability import train_here
+from conftest import TINY_TRAIN, train_here
 from utils import UserError
 
 

@@ -15,8 +15,7 @@ import engine
 import lr_finder
 import train
 from utils import UserError
-from conftest import TINY_TRAIN
-from test_reliability import train_here
+from conftest import TINY_TRAIN, train_here
 
 
 def test_find_lr_writes_curve_and_suggestion_and_no_checkpoint(demo_dir, tmp_path, capsys):

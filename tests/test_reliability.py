@@ -14,8 +14,6 @@ import time
 from collections import namedtuple
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import pytest
 import torch
 
@@ -24,13 +22,13 @@ import demo_data
 import models
 import train
 import utils
+from conftest import SAVE, Killed, assert_same_run, csv_holds, die_after_save, train_here
 from test_checkpoints import V1_MEMBER_KEYS, as_version_1
 from utils import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 # one thread: a 32 px resnet10t gains nothing from more, and threads fight over a busy CI machine
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
-TIMING = ("seconds", "images_per_s")
 
 
 def train_cmd(data_dir, out_dir, *flags):
@@ -50,20 +48,6 @@ def run(cmd, expect=0):
     return result
 
 
-def train_here(cmd):
-    """Run a train.py command line in this process (no interpreter start-up), on one thread like the
-    subprocesses (so that results are bit-identical to theirs); its signal handlers are put back after."""
-    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        train.main(cmd[2:])
-    finally:
-        torch.set_num_threads(threads)
-        for signum, handler in handlers.items():
-            signal.signal(signum, handler)
-
-
 def wait_until(proc, condition, timeout=240):
     """Poll until condition() holds; False when the process ended first."""
     deadline = time.monotonic() + timeout
@@ -81,34 +65,6 @@ def file_id(path):
     except FileNotFoundError:
         return None
     return stat.st_ino, stat.st_mtime_ns
-
-
-def without_timing(rows):
-    return [{k: v for k, v in row.items() if k not in TIMING} for row in rows]
-
-
-def csv_holds(out_dir, rows):
-    """history.csv has exactly these rows (to the CSV's decimal precision; timing columns aside)."""
-    csv, expected = pd.read_csv(out_dir / "history.csv"), pd.DataFrame(rows)
-    columns = [c for c in expected.columns if c not in TIMING]
-    return (len(rows) > 0 and list(csv.columns) == list(expected.columns) and len(csv) == len(expected)
-            and np.allclose(csv[columns], expected[columns], rtol=1e-12, atol=0))
-
-
-def assert_same_run(out_dir, reference):
-    """The run in out_dir ended bit-identical to the uninterrupted reference run."""
-    for name in ("last.pt", "best.pt"):
-        got, want = checkpoints.load(out_dir / name), checkpoints.load(reference / name)
-        assert (got["epoch"], got["step"], got["best_epoch"]) == (want["epoch"], want["step"], want["best_epoch"])
-        assert got["state_dict"].keys() == want["state_dict"].keys()
-        for key, value in want["state_dict"].items():
-            assert torch.equal(got["state_dict"][key], value), f"{name}: {key} differs"
-        for index, state in want["optimizer"]["state"].items():
-            assert torch.equal(got["optimizer"]["state"][index]["momentum_buffer"], state["momentum_buffer"])
-        assert without_timing(got["history"]) == without_timing(want["history"])
-        if name == "last.pt":
-            assert csv_holds(out_dir, got["history"])
-    assert not list(out_dir.glob(".*.tmp"))
 
 
 def assert_consistent(out_dir):
@@ -227,22 +183,6 @@ def test_second_signal_exits_at_once(monkeypatch, capsys):
 
 # ----------------------------------------------------------------------------
 # resuming from the exact moment of a kill: mid-epoch (--save-every) and between an epoch's writes
-
-class Killed(Exception):
-    """Raised right after a checkpoint is written: leaves the disk as a kill -9 at that instant would."""
-
-
-SAVE = utils.atomic_save_torch
-
-
-def die_after_save(monkeypatch, epoch, step):
-    def save_then_die(state, path):
-        SAVE(state, path)
-        if (state["epoch"], state["step"]) == (epoch, step):
-            raise Killed
-
-    monkeypatch.setattr(utils, "atomic_save_torch", save_then_die)
-
 
 def test_resume_after_kills_between_writes_and_mid_epoch_is_exact(tiny_dir, reference, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"

@@ -21,8 +21,7 @@ import onnx_runtime
 import predict
 import transforms
 import utils
-from conftest import TINY_VIT
-from test_reliability import SAVE, Killed, die_after_save, train_here, without_timing
+from conftest import SAVE, TINY_VIT, Killed, die_after_save, train_here, without_timing
 from utils import UserError
 
 # a pretrained config unlike the report's pipeline in every field: train at 24 px, test at 32 px with a crop

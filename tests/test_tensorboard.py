@@ -9,8 +9,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 import checkpoints
 import demo_data
 import utils
-from conftest import TINY_TRAIN
-from test_reliability import train_here
+from conftest import TINY_TRAIN, train_here
 
 STEP_TAGS = ("train/loss", "train/acc", "train/lr", "train/images_per_s")
 
