@@ -120,7 +120,7 @@ def load_members(paths):
         seen[member["sha256"]] = member["source"]
     for member in members[1:]:
         if member["class_names"] != first["class_names"]:
-            raise UserError(f"members {first['source']} and {member['source']} have other class names "
+            raise UserError(f"members {first['source']} and {member['source']} differ in class names "
                             f"({len(first['class_names'])} vs {len(member['class_names'])} classes, or another "
                             "order); ensemble only members trained on the same classes")
     return members, ckpts

@@ -39,7 +39,7 @@ def count_decodes(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def mixed(member_runs, demo_dir, tmp_path_factory):
+def mixed(member_runs, tiny_dir, tmp_path_factory):  # noqa: F811
     """ensemble.py on resnext (32 px), the copy of resnext_freeze at OTHER_PIPELINE and resnext_vit (32 px):
     {"members": their paths, "out": the out dir, "decodes": files decoded while stacking}."""
     folder = tmp_path_factory.mktemp("mixed")
@@ -48,20 +48,20 @@ def mixed(member_runs, demo_dir, tmp_path_factory):
     members = [member_runs["resnext"] / "best.pt", folder / "other.pt", member_runs["resnext_vit"] / "best.pt"]
     with pytest.MonkeyPatch.context() as monkeypatch:
         decodes = count_decodes(monkeypatch)
-        ensemble.main(["--members", *map(str, members), "--data-dir", str(demo_dir), "--out-dir", str(folder / "ens"),
+        ensemble.main(["--members", *map(str, members), "--data-dir", str(tiny_dir), "--out-dir", str(folder / "ens"),
                        "--epochs", "2", "--workers", "0"])
     return {"members": members, "out": folder / "ens", "decodes": len(decodes)}
 
 
-def test_each_member_gets_its_own_pipeline_and_the_same_logits_as_alone(mixed, demo_dir):
+def test_each_member_gets_its_own_pipeline_and_the_same_logits_as_alone(mixed, tiny_dir):  # noqa: F811
     ckpt = checkpoints.load(mixed["out"] / "ensemble.pt", kind="ensemble")
     first = checkpoints.pipeline_of(checkpoints.load(mixed["members"][0]))
     assert ckpt["pipelines"] == [first, OTHER_PIPELINE]
     assert [entry["pipeline_index"] for entry in ckpt["members"]] == [0, 1, 0]
     assert all(ckpt[key] is None for key in checkpoints.PIPELINE_KEYS)  # a mixed ensemble has no one pipeline
     assert checkpoints.model_from_checkpoint(ckpt).inputs == [0, 1, 0]
-    train_paths, train_labels, _ = data.load_split(demo_dir, "train")
-    val_paths, _, _ = data.load_split(demo_dir, "val")
+    train_paths, train_labels, _ = data.load_split(tiny_dir, "train")
+    val_paths, _, _ = data.load_split(tiny_dir, "val")
     assert mixed["decodes"] == len(train_paths) + len(val_paths)  # one view: each image once, for 3 members
     cache = checkpoints.load(mixed["out"] / "logits_cache.pt", kind="logits")["members"]
     runtime = engine.resolve_runtime("cpu")
@@ -83,13 +83,13 @@ def test_each_member_gets_its_own_pipeline_and_the_same_logits_as_alone(mixed, d
         assert torch.equal(cached["train"], train_alone), path
 
 
-def test_predict_gives_each_member_its_pipeline_and_tta_and_decodes_once(mixed, demo_dir, tmp_path, monkeypatch,
-                                                                         capsys):
-    flags = ["--data-dir", str(demo_dir), "--save-logits", "--tta", "hflip,scale:1.25", "--workers", "0"]
+def test_predict_gives_each_member_its_pipeline_and_tta_and_decodes_once(mixed, tiny_dir, tmp_path,  # noqa: F811
+                                                                         monkeypatch, capsys):
+    flags = ["--data-dir", str(tiny_dir), "--save-logits", "--tta", "hflip,scale:1.25", "--workers", "0"]
     decodes = count_decodes(monkeypatch)
     predict.main(["--checkpoint", str(mixed["out"] / "ensemble.pt"), "--out", str(tmp_path / "ens" / "p.csv"),
                   *flags])
-    test_paths, _ = data.load_test(demo_dir / "test")
+    test_paths, _ = data.load_test(tiny_dir / "test")
     assert len(decodes) == len(test_paths)
     assert "(16 classes, eval 32 + 28 px, 2 pipelines: each member its own)" in capsys.readouterr().out
     frame = (tmp_path / "ens" / "p.csv").read_text().splitlines()
@@ -107,14 +107,14 @@ def test_predict_gives_each_member_its_pipeline_and_tta_and_decodes_once(mixed, 
     assert torch.allclose(logits, expected, atol=1e-5)
 
 
-def test_members_with_other_class_names_are_refused(mixed, demo_dir, tmp_path):
+def test_members_with_other_class_names_are_refused(mixed, tiny_dir, tmp_path):  # noqa: F811
     other = checkpoints.load(mixed["members"][1])
     checkpoints.save(dict(other, class_names=other["class_names"][::-1]), tmp_path / "reversed.pt")
     first = mixed["members"][0]
     with pytest.raises(UserError) as error:
-        ensemble.main(["--members", str(first), str(tmp_path / "reversed.pt"), "--data-dir", str(demo_dir),
+        ensemble.main(["--members", str(first), str(tmp_path / "reversed.pt"), "--data-dir", str(tiny_dir),
                        "--out-dir", str(tmp_path / "ens")])
-    assert str(error.value) == (f"members {first} and {tmp_path / 'reversed.pt'} have other class names (16 vs 16 "
+    assert str(error.value) == (f"members {first} and {tmp_path / 'reversed.pt'} differ in class names (16 vs 16 "
                                 "classes, or another order); ensemble only members trained on the same classes")
 
 
