@@ -7,10 +7,11 @@ torch.load(weights_only=True), so that loading one never runs code. Its "kind" i
             raw and EMA weights, and the training state that resumes the run exactly.
 - ensemble: ensemble.py's ensemble.pt: the task (TASK_KEYS), each member's spec and inference
             weights (or, for a referenced member, its file's path and SHA-256), the stacking head, and for
-            fold members the groups: which entries are the K fold models of one member type.
+            fold members the groups: which entries are the K fold models of one member type, and its input
+            pipelines (PIPELINE_KEYS): one for a uniform ensemble, one per distinct pipeline of a mixed one.
 - logits:   ensemble.py's cache of the members' logits.
 
-Files of the previous formats (imgcls-checkpoint-1 and -2) are upgraded when loaded (see upgrade).
+Files of the previous formats (imgcls-checkpoint-1 to -3) are upgraded when loaded (see upgrade).
 """
 import pickle
 import re
@@ -23,15 +24,18 @@ import models
 import utils
 from utils import UserError
 
-FORMAT = "imgcls-checkpoint-3"
-READABLE_FORMATS = ("imgcls-checkpoint-1", "imgcls-checkpoint-2", FORMAT)
+FORMAT = "imgcls-checkpoint-4"
+READABLE_FORMATS = ("imgcls-checkpoint-1", "imgcls-checkpoint-2", "imgcls-checkpoint-3", FORMAT)
 # the eval pipeline (transforms.eval_transform_of): eval_size, interpolation and crop_pct (timm's meaning; None:
 # the report's Resize((eval_size, eval_size)) without a crop), mean and std
 PREPROCESSING_KEYS = ("eval_size", "interpolation", "crop_pct", "mean", "std")
 SPEC_KEYS = ("model", "arch", "class_names", "img_size", "mean", "std", "vit_config", "eval_size", "interpolation",
              "crop_pct")  # rebuild a member and its input pipeline
 TASK_KEYS = ("class_names", "img_size", "mean", "std", "eval_size", "interpolation",
-             "crop_pct")  # what members of one ensemble must share
+             "crop_pct")  # an ensemble's top-level task: its class names and (uniform ensembles) its one pipeline
+# one input pipeline: the train pipeline's size (ensemble.py's train views, distillation) and the eval pipeline;
+# a mixed ensemble's members differ in it
+PIPELINE_KEYS = ("img_size", *PREPROCESSING_KEYS)
 # what a format-2 file's eval pipeline was: the report's resize to img_size x img_size
 REPORT_EVAL = {"interpolation": "bilinear", "crop_pct": None}
 
@@ -81,9 +85,22 @@ def upgrade(ckpt):
     ensemble members) became `use_ema`, `partial` became `epoch_sums`; a member had no `folds`; an ensemble's
     `combiner` was always the head. Formats 1 and 2: the eval pipeline was the report's (eval_size = img_size,
     bilinear, no crop; REPORT_EVAL), for a member, an ensemble and each of its members; a member had no
-    `teacher`; an ensemble had no fold members (`groups` None) and embedded every member (`reference` None)."""
+    `teacher`; an ensemble had no fold members (`groups` None) and embedded every member (`reference` None).
+    Formats 1 to 3: an ensemble's members shared one pipeline, its top-level one (`pipelines`, each entry's
+    `pipeline_index` 0)."""
     if ckpt["format"] == FORMAT:
         return ckpt
+    if ckpt["format"] != "imgcls-checkpoint-3":
+        ckpt = upgrade_to_3(ckpt)
+    if ckpt["kind"] == "ensemble":
+        ckpt["pipelines"] = [pipeline_of(ckpt)]
+        for entry in ckpt["members"]:
+            entry["pipeline_index"] = 0
+    return dict(ckpt, format=FORMAT)
+
+
+def upgrade_to_3(ckpt):
+    """A format-1 or -2 checkpoint in format 3's keys (see upgrade)."""
     entries = [ckpt, *(ckpt["members"] if ckpt["kind"] == "ensemble" else [])]
     if ckpt["format"] == "imgcls-checkpoint-1":
         for entry in entries:
@@ -104,7 +121,7 @@ def upgrade(ckpt):
         ckpt["groups"] = None
         for entry in ckpt["members"]:
             entry["reference"] = None
-    return dict(ckpt, format=FORMAT)
+    return dict(ckpt, format="imgcls-checkpoint-3")
 
 
 def spec_of(ckpt):
@@ -113,8 +130,29 @@ def spec_of(ckpt):
 
 
 def task_of(ckpt):
-    """The TASK_KEYS: compared across the members of an ensemble."""
+    """The TASK_KEYS of a checkpoint or spec."""
     return {key: ckpt[key] for key in TASK_KEYS}
+
+
+def pipeline_of(spec):
+    """The PIPELINE_KEYS of a member's spec (or of a uniform ensemble): the images it takes."""
+    return {key: spec[key] for key in PIPELINE_KEYS}
+
+
+def distinct_pipelines(entries):
+    """The distinct pipelines of ensemble entries (pipeline_of), in the order they first appear, and each
+    entry's index into them."""
+    pipelines = []
+    for entry in entries:
+        if pipeline_of(entry) not in pipelines:
+            pipelines.append(pipeline_of(entry))
+    return pipelines, [pipelines.index(pipeline_of(entry)) for entry in entries]
+
+
+def input_pipelines(ckpt):
+    """The pipelines a checkpoint's model takes (from load, or an ONNX model's metadata): one for a member or a
+    uniform ensemble, one per tensor of its input tuple for a mixed ensemble (see ensemble_checkpoint)."""
+    return ckpt["pipelines"] if ckpt["kind"] == "ensemble" and "pipelines" in ckpt else [pipeline_of(ckpt)]
 
 
 def train_state(ckpt):
@@ -155,14 +193,19 @@ def ensemble_member_model(entry):
 def model_from_checkpoint(ckpt):
     """The model a checkpoint (from load) describes, in eval mode, on the CPU. A member uses the weights
     its training chose for inference. A fold ensemble's members are its groups, each a models.FoldAverage of
-    its fold models."""
+    its fold models. An ensemble takes a tensor, or (mixed) a tuple of tensors, one per pipeline, each member
+    the one of its pipeline_index."""
     if ckpt["kind"] == "member":
         model = build_member(ckpt, inference_state_dict(ckpt))
     else:
         entries = [ensemble_member_model(entry) for entry in ckpt["members"]]
-        members = entries if ckpt["groups"] is None else [
-            models.FoldAverage([entries[i] for i in group["entries"]]) for group in ckpt["groups"]]
-        model = models.StackingEnsemble(members, len(ckpt["class_names"]))
+        inputs = [entry["pipeline_index"] for entry in ckpt["members"]]
+        if ckpt["groups"] is None:
+            members = entries
+        else:  # a group's fold models share their pipeline (ensemble.fold_groups)
+            members = [models.FoldAverage([entries[i] for i in group["entries"]]) for group in ckpt["groups"]]
+            inputs = [inputs[group["entries"][0]] for group in ckpt["groups"]]
+        model = models.StackingEnsemble(members, len(ckpt["class_names"]), inputs)
         model.head.load_state_dict(ckpt["head_state_dict"])
     return model.eval()
 
@@ -205,12 +248,19 @@ def referenced(entry):
 
 
 def ensemble_checkpoint(members, head_state_dict, metrics, combiner="head", groups=None):
-    """ensemble.py's ensemble.pt: the members (ensemble_member entries, sharing TASK_KEYS) and the head that
+    """ensemble.py's ensemble.pt: the members (ensemble_member entries, sharing class names) and the head that
     combines their logits: the trained one, or (combiner "average") the one equal to their plain average.
     groups (fold members): [{"model", "arch", "folds", "fold_seed", "entries": indices into members, "fold":
-    each entry's fold}], one per member type, whose fold models' logits are averaged before the head."""
-    return {"format": FORMAT, "kind": "ensemble", **task_of(members[0]), "members": members,
-            "head_state_dict": head_state_dict, "combiner": combiner, "groups": groups, "metrics": metrics}
+    each entry's fold}], one per member type, whose fold models' logits are averaged before the head.
+    "pipelines" holds the members' distinct pipelines (PIPELINE_KEYS) and each entry its "pipeline_index". A
+    uniform ensemble (one pipeline) also has it at the top level, as before; a mixed one has no one pipeline, so
+    its top-level pipeline keys are None: its images are a tuple, one tensor per pipeline."""
+    pipelines, indices = distinct_pipelines(members)
+    top = pipelines[0] if len(pipelines) == 1 else dict.fromkeys(PIPELINE_KEYS)
+    return {"format": FORMAT, "kind": "ensemble", **task_of({**members[0], **top}),
+            "members": [dict(entry, pipeline_index=index) for entry, index in zip(members, indices)],
+            "pipelines": pipelines, "head_state_dict": head_state_dict, "combiner": combiner, "groups": groups,
+            "metrics": metrics}
 
 
 def logits_cache(settings, members):

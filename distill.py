@@ -11,7 +11,9 @@ from utils import UserError
 
 class Teacher(nn.Module):
     """A frozen model that takes the student's device batch: renormalised (and resized) to its own
-    preprocessing first (transforms.renormalize; nothing is done where the two agree)."""
+    preprocessing first (transforms.renormalize; nothing is done where the two agree). teacher_spec: a dict
+    with img_size, mean and std, or a list of them (a mixed ensemble's pipelines), which renormalises the batch
+    to each and passes the tuple."""
 
     def __init__(self, model, student_spec, teacher_spec):
         super().__init__()
@@ -19,7 +21,9 @@ class Teacher(nn.Module):
         self.requires_grad_(False).eval()
 
     def forward(self, images):
-        return self.model(transforms.renormalize(images, self.student_spec, self.teacher_spec))
+        if isinstance(self.teacher_spec, dict):
+            return self.model(transforms.renormalize(images, self.student_spec, self.teacher_spec))
+        return self.model(tuple(transforms.renormalize(images, self.student_spec, spec) for spec in self.teacher_spec))
 
 
 def read_teacher(path, *, alpha, temp, resumed=None):
@@ -51,4 +55,5 @@ def build_teacher(ckpt, path, class_names, student_spec, runtime, data_dir):
         raise UserError(f"--teacher {path} was trained on other classes than {data_dir}/train "
                         f"({len(ckpt['class_names'])} vs {len(class_names)} classes, or another order)")
     model = runtime.place(checkpoints.model_from_checkpoint(ckpt))
-    return Teacher(model, student_spec, checkpoints.task_of(ckpt))
+    pipelines = checkpoints.input_pipelines(ckpt)
+    return Teacher(model, student_spec, pipelines[0] if len(pipelines) == 1 else pipelines)

@@ -34,7 +34,10 @@ class Runtime:
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
     def images(self, batch):
-        """A batch of images on the device, in the memory format."""
+        """A batch of images on the device, in the memory format; a tuple of batches (a mixed ensemble's
+        pipelines), each."""
+        if isinstance(batch, (tuple, list)):
+            return tuple(self.images(images) for images in batch)
         return batch.to(self.device, non_blocking=True, memory_format=self.memory_format)
 
     def place(self, model):
@@ -255,10 +258,17 @@ def identity(images):
     return images
 
 
-def infer(models, loader, runtime, *, views=(identity,), desc=None):
+def view_of(view, images):
+    """A test-time view of a device batch, or of each batch of a tuple (each at its own size)."""
+    return tuple(view(x) for x in images) if isinstance(images, tuple) else view(images)
+
+
+def infer(models, loader, runtime, *, views=(identity,), inputs=None, desc=None):
     """Every model's logits over the loader, in its order: ([(N, C) float32 on the CPU] per model,
     labels (N,)). Each model sees every view of the device batch (test-time augmentations) and its
-    logits are averaged over them. Models are switched to eval mode; desc shows a progress bar."""
+    logits are averaged over them. A loader of tuples (transforms.PipelineTuple: one batch per pipeline)
+    gives each model the whole tuple, or with inputs (an index per model) its own batch of it. Models are
+    switched to eval mode; desc shows a progress bar."""
     for model in models:
         model.eval()
     outputs, labels = [[] for _ in models], []
@@ -266,8 +276,9 @@ def infer(models, loader, runtime, *, views=(identity,), desc=None):
         for images, targets in utils.progress(loader, desc=desc, total=len(loader), enabled=bool(desc), leave=False):
             images = runtime.images(images)
             with runtime.autocast():
-                for output, model in zip(outputs, models):
-                    output.append(torch.stack([model(view(images)).float() for view in views]).mean(0).cpu())
+                for i, (output, model) in enumerate(zip(outputs, models)):
+                    x = images if inputs is None else images[inputs[i]]
+                    output.append(torch.stack([model(view_of(view, x)).float() for view in views]).mean(0).cpu())
             labels.append(targets)
     if not labels:  # an empty shard
         return [torch.zeros(0, 0) for _ in models], torch.zeros(0, dtype=torch.int64)
@@ -295,9 +306,15 @@ def predict_images(model, dataset, runtime, *, batch_size, workers, views=(ident
     loader = data.make_loader(dataset, device=runtime.device, workers=workers, batch_size=batch_size)
     runtime.place(model)
     (logits,), indices = infer([model], loader, runtime, views=views, desc=desc)
+    check_indices(indices, dataset)
+    return logits
+
+
+def check_indices(indices, dataset):
+    """The labels infer returned for a dataset whose labels are its indices must be 0..N-1: a UserError naming
+    the first image that ImageDataset had to replace."""
     expected = torch.arange(len(dataset))
     if not torch.equal(indices, expected):
         lost = dataset.paths[int(expected[indices != expected][0])]
         raise UserError(f"image {lost} could not be read any more (it was readable when scanned); "
                         "check the file and run again")
-    return logits

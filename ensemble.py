@@ -18,9 +18,14 @@ accuracy is estimated by cross-validation over the same folds (a head trained on
 the remaining fold), then the head of ensemble.pt trains on every row. At test time each member type
 averages its K fold models' logits (models.FoldAverage) before the head.
 
-The logits cache is reused, member by member, while a member file's content (SHA-256) is unchanged and
-the data's file list (relative paths, labels, sizes and modification times), --views, --seed,
---precision and the members' image size and normalisation are the same; anything else recomputes it.
+Members need only share their class names: each may have its own architecture, image size, eval size and
+preprocessing (a mixed ensemble). Each image is decoded once and goes through each member's own pipeline
+(transforms.PipelineTuple): its eval pipeline for val, and for the train views train.py's augmentation at its
+img_size and normalisation, every pipeline with the same random draw, so that all members see the same crop.
+
+The logits cache is reused, member by member, while a member file's content (SHA-256) and its pipeline are
+unchanged and the data's file list (relative paths, labels, sizes and modification times), --views, --seed,
+--precision, the class names and the size JPEGs are decoded at are the same; anything else recomputes it.
 --reference-members stores each member's path and SHA-256 instead of its weights (a small ensemble.pt
 that needs the member files, unchanged, wherever it is loaded).
 """
@@ -46,15 +51,16 @@ import utils
 from utils import UserError
 
 DEFAULT_MEMBERS = [f"runs/{name}/best.pt" for name in models.MODEL_NAMES]
-CACHE_VERSION = 2  # 2: val images decoded at reduced JPEG scale (data.EvalTransform)
+# 2: val images decoded at reduced JPEG scale (data.EvalTransform); 3: each member's own pipeline (mixed ensembles)
+CACHE_VERSION = 3
 
 
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=utils.HelpFormatter)
     parser.add_argument("--members", type=Path, nargs="+", metavar="PATH", default=DEFAULT_MEMBERS,
                         help="member checkpoints (train.py's best.pt), two or more; they must share class names, "
-                        "image and eval size and preprocessing (normalisation, interpolation, crop); --folds "
-                        "runs: every fold's best.pt of each member type")
+                        "and may differ in architecture, image and eval size and preprocessing (each gets its own); "
+                        "--folds runs: every fold's best.pt of each member type")
     parser.add_argument("--data-dir", type=Path, default=Path("data"), help="folder with train/ and val/")
     parser.add_argument("--out-dir", type=Path, default=Path("runs/ensemble"),
                         help="writes ensemble.pt, metrics.json and logits_cache.pt here")
@@ -102,9 +108,9 @@ def check_members_exist(paths, defaults):
 
 def load_members(paths):
     """Each member's entry (checkpoints.ensemble_member: spec, inference weights, source path and content
-    hash) and what its run says of itself ({"folds": its fold record or None, "best_acc"}); they must agree
-    on the task. Checkpoints are read one at a time, keeping only the inference weights of each (not its
-    optimizer and other training state)."""
+    hash) and what its run says of itself ({"folds": its fold record or None, "best_acc"}); they must have the
+    same class names, in the same order. Checkpoints are read one at a time, keeping only the inference
+    weights of each (not its optimizer and other training state)."""
     members, runs = [], []
     for path in paths:
         ckpt = checkpoints.load(path, kind="member")
@@ -118,20 +124,10 @@ def load_members(paths):
                             "list each member once")
         seen[member["sha256"]] = member["source"]
     for member in members[1:]:
-        for key, value in checkpoints.task_of(first).items():
-            if member[key] == value:
-                continue
-            if key == "class_names":
-                what = f"class names ({len(value)} vs {len(member[key])} classes, or another order)"
-            elif key in ("img_size", "eval_size"):
-                what = f"{'eval ' if key == 'eval_size' else ''}image size ({value} vs {member[key]} px)"
-            elif key in ("interpolation", "crop_pct"):
-                what = f"eval preprocessing {key} ({value} vs {member[key]})"
-            else:
-                what = f"normalisation {key} ({value} vs {member[key]})"
-            raise UserError(f"members {first['source']} and {member['source']} differ in {what}; "
-                            "ensemble only members trained on the same classes with the same --img-size, "
-                            "--eval-size and --preprocessing")
+        if member["class_names"] != first["class_names"]:
+            raise UserError(f"members {first['source']} and {member['source']} differ in class names "
+                            f"({len(first['class_names'])} vs {len(member['class_names'])} classes, or another "
+                            "order); ensemble only members trained on the same classes")
     return members, runs
 
 
@@ -172,6 +168,12 @@ def fold_groups(members, runs):
             if len(indices) > 1:
                 raise UserError(f"{name} has fold {fold} twice ({members[indices[0]]['source']} and "
                                 f"{members[indices[1]]['source']}); pass each fold's best.pt once")
+        first_fold = members[next(iter(by_fold.values()))[0]]
+        for indices in by_fold.values():
+            if checkpoints.pipeline_of(members[indices[0]]) != checkpoints.pipeline_of(first_fold):
+                raise UserError(f"{name}: {first_fold['source']} and {members[indices[0]]['source']} take other "
+                                "images (image or eval size, or preprocessing); the fold models of one member "
+                                "type need the same --img-size, --eval-size and --preprocessing")
         missing = [str(fold) for fold in range(folds) if fold not in by_fold]
         if missing:
             raise UserError(f"{name} lacks fold{'s' * (len(missing) > 1)} {', '.join(missing)} of {folds} "
@@ -216,7 +218,8 @@ def data_fingerprint(data_dir, splits):
 # the members' logits, computed once
 
 def read_cache(path, settings):
-    """The cached logits per member hash, or {} when absent, unreadable or made with other settings."""
+    """The cached logits per member hash (each with the pipeline it was computed with), or {} when absent,
+    unreadable or made with other settings."""
     if not path.is_file():
         print(f"logits cache: none yet at {path}")
         return {}
@@ -226,7 +229,8 @@ def read_cache(path, settings):
         print(f"logits cache: ignored ({error})")
         return {}
     if cache["settings"] != settings:
-        print("logits cache: the data, --views, --seed, --precision or the image settings changed; recomputing")
+        print("logits cache: the data, --views, --seed, --precision, the classes or the decode size changed; "
+              "recomputing")
         return {}
     return cache["members"]
 
@@ -238,32 +242,40 @@ def view_batches(num_images, views, batch_size, seed):
     return [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
 
 
-def member_logits(todo, train_set, val_set, *, views, batch_size, seed, runtime, workers):
-    """Run the members in `todo` once, in eval mode, over val and over the train views (view after view);
-    returns {sha256: {"train": (views * N, C), "val": (V, C), "train_labels", "val_labels"}}."""
+def member_logits(todo, train_set, val_set, inputs, *, views, batch_size, seed, runtime, workers):
+    """Run the members in `todo` once, in eval mode, over val and over the train views (view after view), each
+    on its pipeline's tensor (inputs: its index into the datasets' tuples, transforms.PipelineTuple); returns
+    {sha256: {"train": (views * N, C), "val": (V, C), "train_labels", "val_labels"}}."""
     modules = [runtime.place(checkpoints.build_member(m, m["state_dict"])) for m in todo]
     val_loader = data.make_loader(val_set, device=runtime.device, workers=workers, batch_size=batch_size)
-    val, val_labels = engine.infer(modules, val_loader, runtime, desc="val logits")
+    val, val_labels = engine.infer(modules, val_loader, runtime, inputs=inputs, desc="val logits")
     train_loader = data.make_loader(train_set, device=runtime.device, workers=workers,
                                     batch_sampler=view_batches(len(train_set), views, batch_size, seed))
-    train, train_labels = engine.infer(modules, train_loader, runtime, desc=f"train logits ({views} views)")
+    train, train_labels = engine.infer(modules, train_loader, runtime, inputs=inputs,
+                                       desc=f"train logits ({views} views)")
     # labels come from the loader: an image unreadable since the scan is replaced by another, with its label
     return {m["sha256"]: {"train": t, "val": v, "train_labels": train_labels, "val_labels": val_labels}
             for m, t, v in zip(todo, train, val)}
 
 
-def held_out_logits(todo, pool_set, fold_of, *, batch_size, runtime, workers):
+def held_out_logits(todo, pool_set, fold_of, *, batch_size, runtime, workers, inputs=None):
     """Run each fold member of `todo` ((entry, fold) pairs) once, in eval mode, over the pooled images its fold
-    holds out; returns {sha256: {"held_out": (n, C) logits, "index": (n,) their pooled indices}}."""
+    holds out, fold by fold, so that each image is decoded once for all the member types; inputs (a pool_set of
+    transforms.PipelineTuple): each member's index into its tuples. Returns {sha256: {"held_out": (n, C) logits,
+    "index": (n,) their pooled indices}}."""
     logits = {}
-    for member, fold in todo:
+    for fold in sorted({fold for _, fold in todo}):
+        chosen = [i for i, (_, member_fold) in enumerate(todo) if member_fold == fold]
         index = (fold_of == fold).nonzero().flatten()
-        # the labels are the positions, so that engine.predict_images checks each image is the one asked for
+        # the labels are the positions, so that engine.check_indices checks each image is the one asked for
         dataset = data.ImageDataset([pool_set.paths[i] for i in index], range(len(index)), pool_set.transform)
-        model = checkpoints.build_member(member, member["state_dict"])
-        logits[member["sha256"]] = {"held_out": engine.predict_images(
-            model, dataset, runtime, batch_size=batch_size, workers=workers,
-            desc=f"held-out logits of {member['source']}"), "index": index}
+        loader = data.make_loader(dataset, device=runtime.device, workers=workers, batch_size=batch_size)
+        modules = [runtime.place(checkpoints.build_member(todo[i][0], todo[i][0]["state_dict"])) for i in chosen]
+        outputs, positions = engine.infer(modules, loader, runtime, inputs=None if inputs is None else [
+            inputs[i] for i in chosen], desc=f"held-out logits of fold {fold}")
+        engine.check_indices(positions, dataset)
+        for i, output in zip(chosen, outputs):
+            logits[todo[i][0]["sha256"]] = {"held_out": output, "index": index}
     return logits
 
 
@@ -379,14 +391,16 @@ def cross_validate_head(x, y, fold_of, folds, num_members, **head_args):
 # ----------------------------------------------------------------------------
 
 def run_cache(cache_path, settings, members, compute):
-    """The members' logits from the cache, computing (compute(todo)) and saving those it lacks; returns (logits
-    per sha256, how many members were computed)."""
+    """The members' logits from the cache, computing (compute(todo)) and saving those it lacks or holds for
+    another pipeline; returns (logits per sha256, how many members were computed)."""
     cached = read_cache(cache_path, settings)
-    todo = [m for m in members if m["sha256"] not in cached]
+    todo = [m for m in members
+            if m["sha256"] not in cached or cached[m["sha256"]].get("pipeline") != checkpoints.pipeline_of(m)]
     if todo:
         print(f"logits cache: reused for {len(members) - len(todo)} of {len(members)} members; computing the "
               f"logits of {', '.join(m['source'] for m in todo)}")
-        cached.update(compute(todo))
+        fresh = compute(todo)
+        cached.update({m["sha256"]: dict(fresh[m["sha256"]], pipeline=checkpoints.pipeline_of(m)) for m in todo})
         checkpoints.save(checkpoints.logits_cache(settings, {m["sha256"]: cached[m["sha256"]] for m in members}),
                          cache_path)
     else:
@@ -394,22 +408,33 @@ def run_cache(cache_path, settings, members, compute):
     return cached, len(todo)
 
 
-def stack_plain(args, members, task, splits, runtime, workers, cache_path, start):
+def pipelines_text(pipelines):
+    """'28 px (train 40 px), 32 px': the eval and train sizes of each pipeline."""
+    return ", ".join(f"{p['eval_size']} px" + (f" (train {p['img_size']} px)" if p["img_size"] != p["eval_size"]
+                                               else "") for p in pipelines)
+
+
+def stack_plain(args, members, class_names, splits, runtime, workers, cache_path, start):
     """Members trained on train/: the head learns from their logits of --views augmented views of train/ and
     is scored on val/. Returns (head, metrics, table rows: (name, a dict, the key of its accuracy))."""
     (train_paths, train_labels), (val_paths, val_labels) = splits["train"], splits["val"]
-    num_classes = len(task["class_names"])
-    norm = {"mean": task["mean"], "std": task["std"]}
-    train_set = data.ImageDataset(train_paths, train_labels, transforms.train_transform(task["img_size"], **norm))
-    val_set = data.ImageDataset(val_paths, val_labels, transforms.eval_transform_of(task))
+    num_classes = len(class_names)
+    pipelines, inputs = checkpoints.distinct_pipelines(members)
+    train_set = data.ImageDataset(train_paths, train_labels, transforms.PipelineTuple(
+        [transforms.train_transform(p["img_size"], mean=p["mean"], std=p["std"]) for p in pipelines]))
+    val_set = data.ImageDataset(val_paths, val_labels,
+                                transforms.PipelineTuple([transforms.eval_transform_of(p) for p in pipelines]))
     print(f"{len(members)} members, {num_classes} classes, {len(train_set)} train images x {args.views} views, "
-          f"{len(val_set)} val images; {runtime.device} [{runtime.precision}]")
+          f"{len(val_set)} val images, {len(pipelines)} pipeline{'s' * (len(pipelines) > 1)} "
+          f"({pipelines_text(pipelines)}); {runtime.device} [{runtime.precision}]")
     settings = {"version": CACHE_VERSION, "views": args.views, "seed": args.seed, "precision": runtime.precision,
-                "data": data_fingerprint(args.data_dir, splits), **task}
+                "data": data_fingerprint(args.data_dir, splits), "class_names": class_names,
+                "decode_size": val_set.transform.draft_size}
     batch_size = engine.resolve_batch_size(args.batch_size, runtime.device)
+    index_of = dict(zip((m["sha256"] for m in members), inputs))
     cached, computed = run_cache(cache_path, settings, members, lambda todo: member_logits(
-        todo, train_set, val_set, views=args.views, batch_size=batch_size, seed=args.seed, runtime=runtime,
-        workers=workers))
+        todo, train_set, val_set, [index_of[m["sha256"]] for m in todo], views=args.views, batch_size=batch_size,
+        seed=args.seed, runtime=runtime, workers=workers))
     logits_seconds = time.perf_counter() - start
     logits = [cached[m["sha256"]] for m in members]
     train_x = torch.cat([entry["train"] for entry in logits], dim=1).view(args.views, len(train_set), -1)
@@ -445,7 +470,7 @@ def stack_plain(args, members, task, splits, runtime, workers, cache_path, start
     return head, metrics, table
 
 
-def stack_folds(args, members, runs, groups, task, splits, runtime, workers, cache_path, start):
+def stack_folds(args, members, runs, groups, class_names, splits, runtime, workers, cache_path, start):
     """Fold members: the head learns from each pooled image's out-of-fold logits, its accuracy estimated by
     cross-validation over the folds. Returns (head, metrics, table rows) as stack_plain does; every "val"
     figure of the metrics is out-of-fold over the pooled images ("evaluation": "out-of-fold")."""
@@ -455,17 +480,23 @@ def stack_folds(args, members, runs, groups, task, splits, runtime, workers, cac
     (train_paths, train_labels), (val_paths, val_labels) = splits["train"], splits["val"]
     paths, labels = train_paths + val_paths, train_labels + val_labels
     fold_of = pooled_folds(args.data_dir, paths, labels, members, runs)
-    folds, fold_seed, num_classes = groups[0]["folds"], groups[0]["fold_seed"], len(task["class_names"])
-    pool_set = data.ImageDataset(paths, labels, transforms.eval_transform_of(task))
+    folds, fold_seed, num_classes = groups[0]["folds"], groups[0]["fold_seed"], len(class_names)
+    pipelines, inputs = checkpoints.distinct_pipelines(members)
+    pool_set = data.ImageDataset(paths, labels,
+                                 transforms.PipelineTuple([transforms.eval_transform_of(p) for p in pipelines]))
     print(f"{len(members)} fold members: {len(groups)} member type{'s' * (len(groups) > 1)} x {folds} folds "
           f"(--fold-seed {fold_seed}), {num_classes} classes, {len(paths)} pooled train/ and val/ images, each "
-          f"held out by one fold; {runtime.device} [{runtime.precision}]")
+          f"held out by one fold; {len(pipelines)} pipeline{'s' * (len(pipelines) > 1)} "
+          f"({pipelines_text(pipelines)}); {runtime.device} [{runtime.precision}]")
     settings = {"version": CACHE_VERSION, "evaluation": "out-of-fold", "precision": runtime.precision,
-                "data": data_fingerprint(args.data_dir, splits), **task}
+                "data": data_fingerprint(args.data_dir, splits), "class_names": class_names,
+                "decode_size": pool_set.transform.draft_size}
     fold_of_member = {m["sha256"]: run["folds"]["fold"] for m, run in zip(members, runs)}
+    index_of = dict(zip((m["sha256"] for m in members), inputs))
     cached, computed = run_cache(cache_path, settings, members, lambda todo: held_out_logits(
         [(m, fold_of_member[m["sha256"]]) for m in todo], pool_set, fold_of,
-        batch_size=engine.resolve_batch_size(args.batch_size, runtime.device), runtime=runtime, workers=workers))
+        batch_size=engine.resolve_batch_size(args.batch_size, runtime.device), runtime=runtime, workers=workers,
+        inputs=[index_of[m["sha256"]] for m in todo]))
     logits_seconds = time.perf_counter() - start
     oof, _ = out_of_fold(groups, members, cached, len(paths), num_classes)  # (G, N, C)
     y = torch.tensor(labels)
@@ -528,8 +559,7 @@ def main(argv=None):
     # ----------------------------------------------------------------- members and data
     members, runs = load_members(member_paths)
     groups = fold_groups(members, runs)
-    task = checkpoints.task_of(members[0])
-    class_names, num_classes = task["class_names"], len(task["class_names"])
+    class_names, num_classes = members[0]["class_names"], len(members[0]["class_names"])
     train_paths, train_labels, found = data.load_split(args.data_dir, "train")
     if found != class_names:
         raise UserError(f"{args.data_dir / 'train'} has other classes than the members ({len(found)} vs "
@@ -539,10 +569,10 @@ def main(argv=None):
 
     # ------------------------------------------------------------ logits (cached) and head
     if groups is None:
-        head, metrics, table = stack_plain(args, members, task, splits, runtime, workers, cache_path, start)
+        head, metrics, table = stack_plain(args, members, class_names, splits, runtime, workers, cache_path, start)
     else:
-        head, metrics, table = stack_folds(args, members, runs, groups, task, splits, runtime, workers, cache_path,
-                                           start)
+        head, metrics, table = stack_folds(args, members, runs, groups, class_names, splits, runtime, workers,
+                                           cache_path, start)
     if args.combiner == "average":
         head = averaging_head(len(groups or members), num_classes)
 

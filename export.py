@@ -85,6 +85,11 @@ def main(argv=None):
     if ckpt["kind"] not in ("member", "ensemble"):
         raise UserError(f"checkpoint {args.checkpoint} is a {ckpt['kind']} file, not a model; export a member's "
                         "best.pt or an ensemble.pt")
+    pipelines = checkpoints.input_pipelines(ckpt)
+    if len(pipelines) > 1:
+        raise UserError(f"checkpoint {args.checkpoint} is a mixed ensemble (its members take "
+                        f"{len(pipelines)} pipelines, eval {' + '.join(str(p['eval_size']) for p in pipelines)} px), "
+                        "and an ONNX graph takes one input; export each member's best.pt instead")
     utils.check_writable(out.parent, "--out")
     images, source = sample_images(args.data_dir, args.samples, ckpt)
 

@@ -305,14 +305,22 @@ def count_params(model, trainable_only=False):
 
 
 class StackingEnsemble(nn.Module):
-    """The report's ensemble: frozen members whose logits, concatenated (M x C), feed Linear(M*C -> C)."""
+    """The report's ensemble: frozen members whose logits, concatenated (M x C), feed Linear(M*C -> C).
+    inputs (a mixed ensemble, whose members take their own pipelines): member i's index into a tuple of
+    image batches, one per pipeline (None: every member takes the one batch)."""
 
-    def __init__(self, members, num_classes):
+    def __init__(self, members, num_classes, inputs=None):
         super().__init__()
         self.members = nn.ModuleList(members).requires_grad_(False)
         self.head = nn.Linear(len(members) * num_classes, num_classes)
+        self.inputs = [0] * len(members) if inputs is None else [int(i) for i in inputs]
 
-    def member_logits(self, x):  # (B, 3, H, W) -> (B, M*C)
+    def member_logits(self, x):  # (B, 3, H, W), or a tuple of them (one per pipeline) -> (B, M*C)
+        if isinstance(x, (tuple, list)):
+            return torch.cat([member(x[i]) for member, i in zip(self.members, self.inputs)], dim=1)
+        if len(set(self.inputs)) > 1:
+            raise TypeError(f"this ensemble's members take {len(set(self.inputs))} pipelines: pass a tuple of "
+                            "image batches, one per pipeline, not one tensor")
         return torch.cat([member(x) for member in self.members], dim=1)
 
     def forward(self, x):

@@ -3,8 +3,10 @@
     python predict.py [--checkpoint runs/ensemble/ensemble.pt] [--data-dir data] [--tta hflip,scale:1.15]
 
 Images go through the checkpoint's own eval pipeline (transforms.eval_transform_of: its eval size, interpolation,
-crop fraction and normalisation). --checkpoint may also be an ONNX model from export.py (MODEL.onnx), run with
-onnxruntime: its metadata gives the class names and that pipeline, and the same TTA views and files follow.
+crop fraction and normalisation); a mixed ensemble's members each through their own, from one decode of each
+image (transforms.PipelineTuple), and TTA views apply to each member's images at their own size. --checkpoint
+may also be an ONNX model from export.py (MODEL.onnx), run with onnxruntime: its metadata gives the class names
+and that pipeline, and the same TTA views and files follow.
 
 Writes --out (prediction.csv: header image_name,pred_label, one row per image of the test folder sorted by
 name; image_name is the file name without its extension, pred_label the class folder name) and --zip
@@ -197,11 +199,14 @@ def main(argv=None):
     model = onnx_model if is_onnx else checkpoints.model_from_checkpoint(ckpt)
     workers = data.loader_workers(args.workers, runtime.device)
     engine_name = f"onnxruntime {onnx_model.provider}" if is_onnx else runtime.precision
+    pipelines = checkpoints.input_pipelines(ckpt)
+    sizes = " + ".join(str(pipeline["eval_size"]) for pipeline in pipelines)
+    mixed = f", {len(pipelines)} pipelines: each member its own" if len(pipelines) > 1 else ""
     print(f"{ckpt['kind']} {'ONNX model' if is_onnx else 'checkpoint'} {args.checkpoint} ({len(class_names)} "
-          f"classes, eval {ckpt['eval_size']} px) on {runtime.device} [{engine_name}]; {len(paths)} test images from "
+          f"classes, eval {sizes} px{mixed}) on {runtime.device} [{engine_name}]; {len(paths)} test images from "
           f"{test_dir}; TTA {args.tta}")
     # the labels are the indices, so that engine.predict_images can check each image is the one asked for
-    dataset = data.ImageDataset(paths, range(len(paths)), transforms.eval_transform_of(ckpt))
+    dataset = data.ImageDataset(paths, range(len(paths)), transforms.input_transform(pipelines))
     logits = engine.predict_images(model, dataset, runtime, batch_size=batch_size, workers=workers, views=views)
     # ------------------------------------------------------------------ write
     frame = pd.DataFrame({"image_name": stems, "pred_label": labels_of(logits, class_names)})

@@ -257,7 +257,8 @@ def find_runs(runs_dir):
 def predict_val(ckpt, model, data_dir, runtime, batch_size, workers):
     """(val paths, labels (N,), probabilities (N, C), class names) of a checkpoint's model on data_dir/val."""
     paths, labels, class_names = data.load_split(data_dir, "val", ckpt["class_names"])
-    dataset = data.ImageDataset(paths, range(len(paths)), transforms.eval_transform_of(ckpt))
+    dataset = data.ImageDataset(paths, range(len(paths)),
+                                transforms.input_transform(checkpoints.input_pipelines(ckpt)))
     logits = engine.predict_images(model, dataset, runtime, batch_size=batch_size, workers=workers, desc="val")
     return paths, torch.tensor(labels), logits.softmax(1), class_names
 
@@ -736,6 +737,10 @@ def main(argv=None):
               f"{data_dir / 'val'} on {runtime.device} [{runtime.precision}]")
         batch_size = engine.resolve_batch_size(args.batch_size, runtime.device)
         ckpt = checkpoints.load(analysed_run["checkpoint"])
+        if args.cam and len(checkpoints.input_pipelines(ckpt)) > 1:
+            raise UserError(f"--cam {args.cam}: the analysed model {analysed_run['checkpoint']} is a mixed ensemble, "
+                            "whose members crop and resize each image their own way, so their maps would not sit "
+                            "on one image; leave --cam out, or run report.py --cam on a folder without it")
         model = checkpoints.model_from_checkpoint(ckpt)
         paths, labels, probs, class_names = predict_val(ckpt, model, data_dir, runtime, batch_size, workers)
         confidence, preds = probs.max(1)

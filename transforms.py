@@ -77,6 +77,14 @@ def eval_transform_of(spec):
                           interpolation=spec["interpolation"], crop_pct=spec["crop_pct"])
 
 
+def input_transform(pipelines):
+    """The eval inputs of a model that takes these pipelines (checkpoints.input_pipelines): a member's or a
+    uniform ensemble's one EvalTransform, or for a mixed ensemble a PipelineTuple of each pipeline's."""
+    if len(pipelines) == 1:
+        return eval_transform_of(pipelines[0])
+    return PipelineTuple([eval_transform_of(pipeline) for pipeline in pipelines])
+
+
 def resize_size(img_size, crop_pct):
     """The resize before the center crop of crop_pct (timm's: floor(img_size / crop_pct) on the shorter side)."""
     return math.floor(img_size / crop_pct)
@@ -120,6 +128,33 @@ class EvalTransform:
     def __call__(self, source):
         """source: a file's path, or a decoded PIL image (used as it is)."""
         return self.pipeline(source if isinstance(source, Image.Image) else load_rgb(source, self.draft_size))
+
+
+class PipelineTuple:
+    """Several pipelines over one decode of each image (a mixed ensemble's members each take their own): a
+    tuple of tensors, one per pipeline. Eval pipelines (EvalTransform) alone: a JPEG is decoded at the largest
+    reduced size any of them needs (draft_size), so a pipeline of a smaller one reads more pixels than alone,
+    and its pixels can differ from its own decode's by about half a level where its own decode would have been
+    reduced further; any other pipeline: the full image, as ImageDataset gives it. Random pipelines (train
+    views) each start from the generator state of the call, which ImageDataset seeds per sample: every
+    pipeline draws the same random numbers, so all see the same crop, flip and angle, each at its own size, as
+    each alone would with that seed."""
+    reads_path = True
+
+    def __init__(self, pipelines):
+        self.pipelines = list(pipelines)
+        drafts = [getattr(pipeline, "draft_size", None) for pipeline in self.pipelines]
+        self.draft_size = None if None in drafts else max(drafts)
+
+    def __call__(self, source):
+        """source: a file's path, or a decoded PIL image (used as it is)."""
+        image = source if isinstance(source, Image.Image) else load_rgb(source, self.draft_size)
+        state = torch.random.get_rng_state()
+        outputs = []
+        for pipeline in self.pipelines:
+            torch.random.set_rng_state(state)
+            outputs.append(pipeline(image))
+        return tuple(outputs)
 
 
 def renormalize(images, source, target):

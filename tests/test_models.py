@@ -338,12 +338,8 @@ def test_ensemble_checkpoint_round_trip(tmp_path):
     assert not any(p.requires_grad for p in ensemble.members.parameters())
     assert isinstance(ensemble.head, nn.Linear) and ensemble.head.in_features == 8
     specs = [member_checkpoint(m, "resnext", "resnet10t") for m in members]
-    ckpt = {"format": checkpoints.FORMAT, "kind": "ensemble", "class_names": specs[0]["class_names"],
-            "img_size": 32, "mean": specs[0]["mean"], "std": specs[0]["std"],
-            "members": [{k: s[k] for k in ("model", "arch", "class_names", "img_size", "mean", "std",
-                                           "vit_config", "state_dict")} | {"source": f"m{i}.pt"}
-                        for i, s in enumerate(specs)],
-            "head_state_dict": ensemble.head.state_dict()}
+    ckpt = checkpoints.ensemble_checkpoint([checkpoints.ensemble_member(s, f"m{i}.pt", str(i) * 64)
+                                            for i, s in enumerate(specs)], ensemble.head.state_dict(), metrics={})
     utils.atomic_save_torch(ckpt, tmp_path / "ensemble.pt")
     with pytest.raises(UserError, match="expected a member"):
         checkpoints.load(tmp_path / "ensemble.pt", kind="member")

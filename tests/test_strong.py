@@ -247,11 +247,11 @@ def test_format_2_files_keep_the_report_pipeline(tmp_path, tiny_dir):
     assert (metadata["eval_size"], metadata["interpolation"], metadata["crop_pct"]) == (40, "bicubic", 0.9)
 
 
-def test_ensemble_refuses_members_with_other_eval_sizes(tmp_path):
+def test_ensemble_takes_members_with_other_eval_sizes(tmp_path):
     paths = [format_2_member(tmp_path, 32), format_2_member(tmp_path, 40)]
-    with pytest.raises(UserError, match=r"differ in eval image size \(32 vs 40 px\); ensemble only members trained "
-                       "on the same classes with the same --img-size, --eval-size and --preprocessing"):
-        ensemble.load_members(paths)
+    members, _ = ensemble.load_members(paths)  # a mixed ensemble (tests/test_mixed.py), each its own pipeline
+    pipelines, inputs = checkpoints.distinct_pipelines(members)
+    assert [p["eval_size"] for p in pipelines] == [32, 40] and inputs == [0, 1]
 
 
 def test_crop_keeps_the_resize_input_size_when_decoding():
