@@ -907,8 +907,33 @@ def suite_distill(args, data_dir, work, seed):
     return row
 
 
+# the mixed suite's second member: another architecture, image size and eval pipeline (resnet14t's pretrained
+# config: bicubic, a center crop) than --member-flags' resnet10t at 32 px; after --member-flags
+MIXED_SECOND_FLAGS = ["--arch", "resnet14t", "--img-size", "40", "--eval-size", "40", "--preprocessing", "pretrained"]
+
+
+def suite_mixed(args, data_dir, work, seed):
+    """A mixed ensemble: a resnext member with --member-flags and one with MIXED_SECOND_FLAGS (each with its own
+    preprocessing), stacked; test accuracy of each member, of the head and of the logit average, and of the
+    member with the higher val accuracy (the one a user would submit without the ensemble)."""
+    row, members = {}, {"first": [], "second": MIXED_SECOND_FLAGS}
+    for name, flags in members.items():
+        best = train_member(work / name, "resnext", data_dir, seed, [*args.member_flags, *flags])
+        row[f"{name}_val"] = val_accuracy(best)
+        row[f"{name}_test"] = test_accuracy(best, data_dir, work / name / "test.csv")
+    chosen = max(members, key=lambda name: row[f"{name}_val"])  # the first of equal val accuracies
+    row["best_member_test"] = row[f"{chosen}_test"]
+    for combiner in ("head", "average"):
+        out = work / f"ensemble_{combiner}"
+        script("ensemble.py", "--members", *(work / name / "best.pt" for name in members), "--data-dir", data_dir,
+               "--out-dir", out, "--combiner", combiner)
+        row[f"{combiner}_test"] = test_accuracy(out / "ensemble.pt", data_dir, out / "test.csv")
+    row["head_gain"] = round(row["head_test"] - row["best_member_test"], 2)
+    return row
+
+
 ACCURACY_SUITES = {"members": suite_members, "recipe": suite_recipe, "oof": suite_oof,
-                   "distill": suite_distill}
+                   "distill": suite_distill, "mixed": suite_mixed}
 
 
 def summarize(rows):
@@ -1027,7 +1052,9 @@ def get_args_parser():
                    "against the strong recipe's training parts (resnext, from scratch), each also evaluated at "
                    f"{EVAL_SCALE}x its train size; oof: out-of-fold stacking of {OOF_FOLDS}-fold runs of "
                    f"{' and '.join(OOF_TYPES)} against in-sample stacking of plain runs; distill: those of "
-                   "members, and a resnext student distilled from that ensemble")
+                   "members, and a resnext student distilled from that ensemble; mixed: a resnet10t member at "
+                   "32 px and a resnet14t one at 40 px with its pretrained config's eval pipeline, stacked, "
+                   "against the member of the higher val accuracy")
     p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2],
                    help="comma-separated training seeds")
     p.add_argument("--work-dir", type=Path, default=Path("runs/bench-accuracy"), help="data and runs (an "

@@ -4,38 +4,8 @@ import pytest
 import torch
 
 import checkpoints
-from conftest import run_script
-
-# the keys of real imgcls-checkpoint-1 files, as that version of train.py and ensemble.py wrote them
-V1_MEMBER_KEYS = ["arch", "args", "best_acc", "best_epoch", "class_names", "ema_state_dict", "epoch", "format",
-                  "history", "img_size", "kind", "mean", "model", "optimizer", "partial", "rng", "scaler",
-                  "state_dict", "std", "step", "vit_config", "weights"]
-V1_ENSEMBLE_KEYS = ["class_names", "format", "head_state_dict", "img_size", "kind", "mean", "members", "metrics",
-                    "std"]
-NEW_IN_3 = ("eval_size", "interpolation", "crop_pct")  # the eval pipeline, stored since imgcls-checkpoint-3
-NEW_IN_4 = ("pipelines", "pipeline_index")  # an ensemble's pipelines (mixed ensembles), since imgcls-checkpoint-4
-V1_ENSEMBLE_MEMBER_KEYS = ["arch", "class_names", "img_size", "mean", "model", "sha256", "source", "state_dict",
-                           "std", "vit_config", "weights"]
-
-
-def as_version_1(ckpt):
-    """A current checkpoint written back in format 1's key names (format 3's eval pipeline keys dropped)."""
-    old = {key: value for key, value in ckpt.items() if key not in NEW_IN_3 + NEW_IN_4} | {
-        "format": "imgcls-checkpoint-1"}
-    if old["kind"] == "member":
-        old["weights"] = "ema" if old.pop("use_ema") else "raw"
-        old["partial"] = old.pop("epoch_sums")
-        assert old.pop("folds") is None  # format 1 had no --folds
-        assert old.pop("teacher") is None  # nor --teacher
-    if old["kind"] == "ensemble":
-        assert old.pop("combiner") == "head"  # format 1 had no other
-        assert old.pop("groups") is None  # nor fold members
-        old["members"] = [{k: v for k, v in m.items() if k not in NEW_IN_3 + NEW_IN_4}
-                          | {"weights": "ema" if m["use_ema"] else "raw"} for m in old["members"]]
-        for member in old["members"]:
-            del member["use_ema"]
-            assert member.pop("reference") is None  # nor referenced members
-    return old
+from conftest import (V1_ENSEMBLE_KEYS, V1_ENSEMBLE_MEMBER_KEYS, V1_MEMBER_KEYS, as_version_1,
+                      run_script)
 
 
 def save_as_version_1(src, dst):

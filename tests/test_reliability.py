@@ -22,8 +22,8 @@ import demo_data
 import models
 import train
 import utils
-from conftest import SAVE, Killed, assert_same_run, csv_holds, die_after_save, train_here
-from test_checkpoints import V1_MEMBER_KEYS, as_version_1
+from conftest import (SAVE, V1_MEMBER_KEYS, Killed, as_version_1, assert_same_run, csv_holds, die_after_save,
+                      train_here)
 from utils import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
