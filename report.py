@@ -596,7 +596,7 @@ def choose_analysed(runs):
                 f"{member['name']} alone scored {member['best_val_acc']:.2f} on val, above the ensemble's "
                 f"{chosen['best_val_acc']:.2f} ({combiner}); to submit it instead run python predict.py --checkpoint "
                 f"{member['checkpoint']}{', or keep the ensemble with ensemble.py --combiner average' * average_fix}. "
-                "On a small val set such differences are often noise.")
+                "Whether the gap is beyond noise: see the paired comparison of the ensemble with its best member.")
     return chosen, why, caveats
 
 
